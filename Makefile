@@ -1,0 +1,24 @@
+# Fresh machine:  make demo   (set up + run the main job)      make test   (set up + run the tests)
+PY      ?= python3
+VENV    ?= .venv
+# The CPU build; on a GPU machine install your CUDA torch into the venv first and set TORCH_PIN=
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: setup demo test bench
+
+$(VENV)/.ready: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(if $(TORCH_PIN),$(VENV)/bin/pip install -q $(TORCH_PIN))
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.ready
+
+demo: setup
+	$(VENV)/bin/python -m ramda_ds.demo
+
+test: setup
+	$(VENV)/bin/python -m pytest tests
+
+bench: setup
+	$(VENV)/bin/python bench/optimizer_step.py

@@ -1,0 +1,7 @@
+from .base import StructuredOptimizer
+from .proxgen import ProxGen
+from .proxsgd import ProxSGD
+from .ramda import RAMDA
+from .rmda import RMDA
+
+__all__ = ["RAMDA", "RMDA", "ProxSGD", "ProxGen", "StructuredOptimizer"]

@@ -1,0 +1,233 @@
+"""What every ramda_ds optimizer shares: validation, the restart schedule, segments, the solvers.
+
+Param-group keys (all plain Python values, so they live in ``state_dict()``):
+
+* ``regularizer``: ``"group_lasso"`` | ``"l1"`` | ``"nuclear"`` | ``None``; ``lam`` (λ ≥ 0);
+  ``grouping`` for group lasso (see :mod:`ramda_ds.groups`).
+* ``milestones`` (optimizer steps after which a new stage starts), ``gamma`` (lr/ε decay),
+  ``final_stage_ramp`` (c = min(c0·√i, 1) in the stage after the last milestone).
+* counters kept by the optimizer: ``step`` (steps taken), ``stage``, ``stage_step``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from ..sharding import Segment, Unsharded
+from ..solvers import (SolverStats, Subproblem, group_soft_threshold, singular_value_threshold,
+                       solve_exact, solve_l1, solve_nuclear_pg, solve_pg)
+
+REGULARIZERS = (None, "group_lasso", "l1", "nuclear")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+class StructuredOptimizer(torch.optim.Optimizer):
+    """Base class; subclasses implement :meth:`_update_group` (the algorithm, one screen)."""
+
+    #: per-parameter state tensors that a restart zeroes / resets (subclasses override)
+    restart_zero: tuple[str, ...] = ()
+    restart_copy: tuple[str, ...] = ()
+    restart_decays_eps = False
+
+    def __init__(self, params, defaults: dict, view=None):
+        defaults = {**dict(regularizer=None, lam=0.0, grouping="input", milestones=(), gamma=0.1,
+                           final_stage_ramp=True), **defaults, "step": 0, "stage": 0, "stage_step": 0}
+        super().__init__(params, defaults)
+        self.view = view if view is not None else Unsharded()
+        self.last_stats: dict[str, SolverStats] = {}
+        for i, g in enumerate(self.param_groups):
+            self._validate_group(g, i)
+
+    # ------------------------------------------------------------------ validation
+    def _validate_group(self, g: dict, i: int) -> None:
+        where = f"param_groups[{i}]"
+        _check(isinstance(g["lr"], (int, float)) and math.isfinite(g["lr"]) and g["lr"] >= 0,
+               f"{where}: lr must be a finite number >= 0, got {g['lr']!r}")
+        _check(g["regularizer"] in REGULARIZERS,
+               f"{where}: unknown regularizer {g['regularizer']!r}; expected one of {REGULARIZERS}")
+        _check(math.isfinite(g["lam"]) and g["lam"] >= 0, f"{where}: lam must be >= 0, got {g['lam']!r}")
+        ms = tuple(g["milestones"])
+        _check(all(isinstance(m, int) and m > 0 for m in ms) and list(ms) == sorted(set(ms)),
+               f"{where}: milestones must be strictly increasing positive ints, got {ms!r}")
+        g["milestones"] = ms
+        _check(0 < g["gamma"] <= 1, f"{where}: gamma must be in (0, 1], got {g['gamma']!r}")
+        for key in ("momentum",):
+            if key in g:
+                _check(0 < g[key] <= 1, f"{where}: momentum (the paper's c) must be in (0, 1], "
+                                        f"got {g[key]!r}")
+        if "eps" in g:
+            _check(g["eps"] > 0, f"{where}: eps must be > 0, got {g['eps']!r}")
+        if g["regularizer"] == "nuclear":
+            _check(all(p.dim() == 2 for p in g["params"]) or not isinstance(self.view, Unsharded),
+                   f"{where}: the nuclear norm needs 2-D weights")
+        if g["regularizer"] in ("group_lasso", "l1"):  # fail now, not at the first step
+            for k, p in enumerate(g["params"]):
+                g["_index"] = i
+                self.view.segments(p, g, k)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "view"):
+            self._validate_group(self.param_groups[-1], len(self.param_groups) - 1)
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_finite()
+        self.last_stats = {}
+        for gi, group in enumerate(self.param_groups):
+            group["_index"] = gi
+            if group["lr"] == 0:  # the probing step of DCP / accelerate: create state, change nothing
+                for _, p, w, g in self._params(group):
+                    self._state(p, w, g)
+                continue
+            group["step"] += 1
+            group["stage_step"] += 1
+            self._writeback = []
+            self._update_group(group)
+            for p, w in self._writeback:
+                p.detach().copy_(w.view(p.shape))
+            self._maybe_restart(group)
+        return loss
+
+    def _check_finite(self) -> None:
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if not grads:
+            return
+        norms = torch._foreach_norm(grads)
+        bad = ~torch.stack(norms).isfinite()
+        if bad.any():
+            k = int(bad.nonzero()[0])
+            raise FloatingPointError(
+                f"non-finite gradient (NaN or Inf) in parameter #{k}; the optimizer state and "
+                "parameters were left unchanged. Lower the learning rate, clip gradients or check "
+                "the loss for overflow.")
+
+    def _c(self, group: dict) -> float:
+        """The averaging weight c_t (the paper's momentum)."""
+        c0 = group["momentum"]
+        final = len(group["milestones"]) and group["stage"] == len(group["milestones"])
+        if final and group["final_stage_ramp"]:
+            return min(c0 * math.sqrt(group["stage_step"]), 1.0)
+        return c0
+
+    def _maybe_restart(self, group: dict) -> None:
+        if group["step"] not in group["milestones"]:
+            return
+        group["lr"] *= group["gamma"]
+        if self.restart_decays_eps:
+            group["eps"] *= group["gamma"]
+        group["stage"] += 1
+        group["stage_step"] = 0
+        for p in group["params"]:
+            st = self.state.get(p)
+            if not st:
+                continue
+            for k in self.restart_zero:
+                st[k].zero_()
+            for k in self.restart_copy:
+                st[k].copy_(p.detach().reshape(-1))
+        self._on_restart(group)
+
+    def _on_restart(self, group: dict) -> None:
+        """Group-level counters to reset at a restart (subclasses)."""
+
+    # ------------------------------------------------------------------ helpers for subclasses
+    def _params(self, group: dict):
+        """(index, param, flat param, flat grad) for params with a gradient.
+
+        The flat param is a view (or, for non-contiguous layouts such as channels_last, a copy
+        written back after the update) in logical row-major order; the grad is in the state
+        dtype (float64 for float64 params, else float32).
+        """
+        for k, p in enumerate(group["params"]):
+            if p.grad is None:
+                continue
+            w = p.detach().view(-1) if p.is_contiguous() else p.detach().reshape(-1)
+            if not p.is_contiguous() and hasattr(self, "_writeback"):
+                self._writeback.append((p, w))
+            dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+            yield k, p, w, p.grad.detach().reshape(-1).to(dtype)
+
+    def _state(self, p: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> dict:
+        """``self.state[p]``, created by :meth:`_init_state` on first use."""
+        st = self.state[p]
+        if not st:
+            st.update(self._init_state(w, g))
+        return st
+
+    def _init_state(self, w: torch.Tensor, g: torch.Tensor) -> dict:
+        raise NotImplementedError
+
+    def _segments(self, group: dict, p: torch.Tensor, k: int) -> list[Segment]:
+        return self.view.segments(p, group, k)
+
+    def _solve(self, group: dict, items: list[tuple[Segment, Subproblem]], shapes=None) -> None:
+        """Solve the group's subproblems with its solver; record stats by parameter name."""
+        reg = group["regularizer"]
+        if not items:
+            return
+        if reg == "l1":
+            for seg, prob in items:
+                solve_l1(prob)
+            return
+        if reg == "nuclear":
+            for seg, prob in items:
+                self.last_stats[seg.name] = solve_nuclear_pg(prob, seg.shape, group["max_iters"],
+                                                             group["rtol"])
+            return
+        probs = [pr for _, pr in items]
+        if group.get("solver", "pg") == "exact":
+            stats = solve_exact(probs, self.view.comm)
+        else:
+            eps0 = group.get("inexact_eps0")
+            tol = None if eps0 is None else eps0 / group["stage_step"]
+            stats = solve_pg(probs, self.view.comm, group["max_iters"], group["rtol"], tol)
+        for (seg, _), st in zip(items, stats):
+            self.last_stats[seg.name] = st
+
+    @staticmethod
+    def _validate_solver(g: dict, where: str) -> None:
+        _check(g.get("solver", "pg") in ("pg", "exact"),
+               f"{where}: solver must be 'pg' or 'exact', got {g.get('solver')!r}")
+        _check(isinstance(g["max_iters"], int) and g["max_iters"] >= 1,
+               f"{where}: max_iters must be an int >= 1, got {g['max_iters']!r}")
+        _check(0 <= g["rtol"] < 1, f"{where}: rtol must be in [0, 1), got {g['rtol']!r}")
+        e = g.get("inexact_eps0")
+        _check(e is None or e > 0, f"{where}: inexact_eps0 must be None or > 0, got {e!r}")
+
+    def _prox_(self, group: dict, items: list[tuple[Segment, torch.Tensor, float]]) -> None:
+        """In place ``x ← prox_{τψ}(x)`` in closed form (RMDA, ProxSGD); one collective per call."""
+        reg = group["regularizer"]
+        gl = [(seg, x, tau) for seg, x, tau in items if reg == "group_lasso"]
+        if gl:
+            probs = [Subproblem(s.groups, x, x, tau, x, span=s.span) for s, x, tau in gl]
+            group_soft_threshold([x for _, x, _ in gl], [s.groups for s, _, _ in gl],
+                                 [tau for *_, tau in gl], self.view.comm, probs)
+        for seg, x, tau in items:
+            if reg == "l1":
+                x.copy_(torch.sign(x) * (x.abs() - tau).clamp_min_(0.0))
+            elif reg == "nuclear":
+                x.copy_(singular_value_threshold(x.view(seg.shape), tau).view(-1))
+
+
+def group_tau(group: dict, seg: Segment, scale: float) -> float:
+    """Threshold per unit group norm: scale · λ · w_g (w_g = sqrt|g| for group lasso, else 1)."""
+    w = seg.groups.layout.group_weight if group["regularizer"] == "group_lasso" else 1.0
+    return scale * group["lam"] * w
+
+
+def is_regularized(group: dict, seg: Segment) -> bool:
+    """λ = 0 takes the closed-form unregularized update (exactly MADGRAD / AdamW / SGD)."""
+    return group["lam"] > 0 and (group["regularizer"] == "nuclear" or seg.groups is not None)

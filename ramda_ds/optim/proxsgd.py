@@ -1,0 +1,39 @@
+"""ProxSGD: momentum SGD followed by the proximal operator of the regularizer."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import StructuredOptimizer, group_tau, is_regularized
+
+
+class ProxSGD(StructuredOptimizer):
+    r"""Per step::
+
+        buf ← c·G (first step),  buf ← (1−c)·buf + c·G (later);   W ← prox_{lr·ψ}(W − lr·buf)
+
+    ``momentum`` is c ∈ (0, 1] (c = 1: no momentum). At each milestone ``lr ← γ·lr``.
+    """
+
+    def __init__(self, params, lr=1e-1, momentum=0.1, regularizer=None, lam=0.0, grouping="input",
+                 milestones=(), gamma=0.1, view=None):
+        super().__init__(params, dict(lr=lr, momentum=momentum, regularizer=regularizer, lam=lam,
+                                      grouping=grouping, milestones=milestones, gamma=gamma,
+                                      final_stage_ramp=False), view)
+
+    def _init_state(self, w, g):
+        return dict(momentum_buffer=torch.zeros_like(g))
+
+    def _update_group(self, group):
+        lr, c, items, updates = group["lr"], group["momentum"], [], []
+        for k, p, w, g in self._params(group):
+            st = self._state(p, w, g)
+            st["momentum_buffer"].lerp_(g, c)  # from 0, so the first step gives c·G
+            x = torch.add(w.to(g.dtype), st["momentum_buffer"], alpha=-lr)
+            for seg in self._segments(group, p, k):
+                if is_regularized(group, seg):
+                    items.append((seg, x[seg.lo:seg.hi], group_tau(group, seg, lr)))
+            updates.append((w, x))
+        self._prox_(group, items)
+        for w, x in updates:
+            w.copy_(x)

@@ -1,0 +1,82 @@
+"""RAMDA (Huang & Lee, NeurIPS 2024, Alg. 1)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..solvers import Subproblem
+from .base import StructuredOptimizer, group_tau, is_regularized
+
+
+class RAMDA(StructuredOptimizer):
+    r"""Regularized Adaptive Momentum Dual Averaging.
+
+    Per step t of the current stage (``s_t = lr·√t``, ``α_t = α_{t−1} + s_t``)::
+
+        V += s_t·G;   U += s_t·G∘G;   P = ∛U + ε
+        Ŵ ≈ argmin_Z ⟨V, Z−W0⟩ + ½⟨Z−W0, P∘(Z−W0)⟩ + α_t·ψ(Z)   (screening + PG, or exact)
+        W ← (1−c)·W + c·Ŵ
+
+    Unregularized tensors take ``Ŵ = W0 − V/P``: with ``regularizer=None`` this is MADGRAD with
+    ``momentum = 1 − c`` (MADGRAD adds eps to lr). State per tensor: ``grad_sum`` (V),
+    ``grad_sq_sum`` (U), ``initial`` (W0): 12 bytes/parameter in fp32. At each milestone
+    ``lr, ε ← γ·lr, γ·ε`` and ``t, α, V, U ← 0``, ``W0 ← W``.
+
+    Args: ``lr`` (η), ``momentum`` (the paper's c ∈ (0, 1]), ``eps`` (ε), ``regularizer`` /
+    ``lam`` / ``grouping`` (ψ), ``solver`` (``"pg"`` or ``"exact"``), ``max_iters``, ``rtol``
+    (PG early stop), ``inexact_eps0`` (stop PG on condition (7) with ``ε_t = inexact_eps0/t``
+    instead), ``milestones`` / ``gamma`` / ``final_stage_ramp`` (restarts), ``keep_structured``
+    (keep Ŵ of the last step in ``state[p]["structured"]``, 4 more bytes/parameter).
+    """
+
+    restart_zero = ("grad_sum", "grad_sq_sum")
+    restart_copy = ("initial",)
+    restart_decays_eps = True
+
+    def __init__(self, params, lr=1e-2, momentum=0.1, eps=1e-6, regularizer=None, lam=0.0,
+                 grouping="input", solver="pg", max_iters=100, rtol=1e-8, inexact_eps0=None,
+                 milestones=(), gamma=0.1, final_stage_ramp=True, keep_structured=False, view=None):
+        super().__init__(params, dict(lr=lr, momentum=momentum, eps=eps, regularizer=regularizer,
+                                      lam=lam, grouping=grouping, solver=solver, max_iters=max_iters,
+                                      rtol=rtol, inexact_eps0=inexact_eps0, milestones=milestones,
+                                      gamma=gamma, final_stage_ramp=final_stage_ramp, alpha=0.0,
+                                      keep_structured=keep_structured), view)
+        for i, g in enumerate(self.param_groups):
+            self._validate_solver(g, f"param_groups[{i}]")
+
+    def _init_state(self, w, g):
+        return dict(grad_sum=torch.zeros_like(g), grad_sq_sum=torch.zeros_like(g),
+                    initial=w.to(g.dtype, copy=True))
+
+    def _on_restart(self, group):
+        group["alpha"] = 0.0
+
+    def _update_group(self, group):
+        s = group["lr"] * math.sqrt(group["stage_step"])
+        group["alpha"] += s
+        c, eps = self._c(group), group["eps"]
+        items, updates = [], []
+        for k, p, w, g in self._params(group):
+            st = self._state(p, w, g)
+            V, U, W0 = st["grad_sum"], st["grad_sq_sum"], st["initial"]
+            V.add_(g, alpha=s)
+            U.addcmul_(g, g, value=s)
+            P = U.pow(1 / 3).add_(eps)
+            w_hat = torch.addcdiv(W0, V, P, value=-1)  # unregularized solution W0 − V/P
+            for seg in self._segments(group, p, k):
+                if not is_regularized(group, seg):
+                    continue
+                r = slice(seg.lo, seg.hi)
+                const = (0.5 * P[r] * W0[r] - V[r]).mul_(W0[r])
+                w_hat[r] = w[r]  # warm start at W_{t−1}
+                items.append((seg, Subproblem(seg.groups, P[r], P[r] * W0[r] - V[r],
+                                              group_tau(group, seg, group["alpha"]), w_hat[r],
+                                              const, seg.span)))
+            updates.append((w, st, w_hat))
+        self._solve(group, items)
+        for w, st, w_hat in updates:
+            w.lerp_(w_hat.to(w.dtype), c)  # W ← (1−c)W + cŴ
+            if group["keep_structured"]:
+                st["structured"] = w_hat

@@ -1,0 +1,52 @@
+"""RMDA (Huang, Chen & Lee, ICLR 2022): regularized modernized dual averaging."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import StructuredOptimizer, group_tau, is_regularized
+
+
+class RMDA(StructuredOptimizer):
+    r"""Per step t of the stage (``s_t = lr·√t``, ``α_t = α_{t−1} + s_t``)::
+
+        V += s_t·G;   Ŵ = prox_{(α_t/√t)·ψ}(W0 − V/√t);   W ← (1−c)·W + c·Ŵ
+
+    The prox is closed form (group soft-threshold, L1 soft-threshold, singular-value
+    soft-threshold). State: ``grad_sum`` (V), ``initial`` (W0). Restarts as in :class:`RAMDA`.
+    """
+
+    restart_zero = ("grad_sum",)
+    restart_copy = ("initial",)
+
+    def __init__(self, params, lr=1e-1, momentum=0.1, regularizer=None, lam=0.0, grouping="input",
+                 milestones=(), gamma=0.1, final_stage_ramp=True, view=None):
+        super().__init__(params, dict(lr=lr, momentum=momentum, regularizer=regularizer, lam=lam,
+                                      grouping=grouping, milestones=milestones, gamma=gamma,
+                                      final_stage_ramp=final_stage_ramp, alpha=0.0), view)
+
+    def _init_state(self, w, g):
+        return dict(grad_sum=torch.zeros_like(g), initial=w.to(g.dtype, copy=True))
+
+    def _on_restart(self, group):
+        group["alpha"] = 0.0
+
+    def _update_group(self, group):
+        t = group["stage_step"]
+        s = group["lr"] * math.sqrt(t)
+        group["alpha"] += s
+        c, items, updates = self._c(group), [], []
+        for k, p, w, g in self._params(group):
+            st = self._state(p, w, g)
+            st["grad_sum"].add_(g, alpha=s)
+            w_hat = torch.add(st["initial"], st["grad_sum"], alpha=-1 / math.sqrt(t))
+            for seg in self._segments(group, p, k):
+                if is_regularized(group, seg):
+                    tau = group_tau(group, seg, group["alpha"] / math.sqrt(t))
+                    items.append((seg, w_hat[seg.lo:seg.hi], tau))
+            updates.append((w, w_hat))
+        self._prox_(group, items)
+        for w, w_hat in updates:
+            w.lerp_(w_hat.to(w.dtype), c)

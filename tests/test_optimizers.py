@@ -1,0 +1,312 @@
+"""The optimizers: MADGRAD/AdamW equivalences, restarts, state_dict, validation, sparsity."""
+
+import copy
+import math
+
+import madgrad
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ramda_ds.metrics import weighted_group_sparsity
+from ramda_ds.optim import RAMDA, RMDA, ProxGen, ProxSGD
+from ramda_ds.param_groups import build_param_groups
+
+
+def small_model():
+    return nn.Sequential(nn.Conv1d(3, 4, 3), nn.Flatten(), nn.Linear(16, 8), nn.Tanh(),
+                         nn.Linear(8, 3))
+
+
+def batches(n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 3, 6, generator=g), torch.randint(0, 3, (16,), generator=g))
+            for _ in range(n)]
+
+
+def train(model, opt, data):
+    for x, y in data:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def max_diff(m1, m2):
+    return max((a - b).abs().max().item() for a, b in zip(m1.parameters(), m2.parameters()))
+
+
+OPTIMIZERS = {
+    "RAMDA": lambda gs: RAMDA(gs, lr=0.05, momentum=0.1),
+    "RAMDA-exact": lambda gs: RAMDA(gs, lr=0.05, momentum=0.1, solver="exact"),
+    "RMDA": lambda gs: RMDA(gs, lr=0.1, momentum=0.1),
+    "ProxSGD": lambda gs: ProxSGD(gs, lr=0.1, momentum=0.1),
+    "ProxGen": lambda gs: ProxGen(gs, lr=0.01),
+}
+
+
+@pytest.mark.parametrize("momentum", [0.1, 1.0])
+def test_ramda_without_regularizer_is_madgrad(momentum):
+    torch.manual_seed(1)
+    m1 = small_model()
+    m2 = copy.deepcopy(m1)
+    lr, eps = 0.02, 1e-6
+    o1 = RAMDA(m1.parameters(), lr=lr, momentum=momentum, eps=eps)
+    # madgrad adds eps to lr, and its momentum is 1 − c; momentum 0 is its no-x0 variant
+    o2 = madgrad.MADGRAD(m2.parameters(), lr=lr - eps, momentum=1 - momentum, eps=eps)
+    data = batches(30)
+    train(m1, o1, data)
+    train(m2, o2, data)
+    assert max_diff(m1, m2) < 2e-6
+    assert max_diff(m1, small_model()) > 0.01  # it did train
+
+
+def test_ramda_with_zero_lambda_groups_and_exact_solver_is_madgrad():
+    torch.manual_seed(1)
+    m1 = small_model()
+    m2 = copy.deepcopy(m1)
+    groups = build_param_groups(m1, "group_lasso", lam=1e-9)
+    for g in groups:
+        g["lam"] = 0.0  # regularized code path, zero threshold (PG would only be approximate)
+    o1 = RAMDA(groups, lr=0.02, momentum=0.1, eps=1e-6, solver="exact")
+    o2 = madgrad.MADGRAD(m2.parameters(), lr=0.02 - 1e-6, momentum=0.9, eps=1e-6)
+    data = batches(20)
+    train(m1, o1, data)
+    train(m2, o2, data)
+    assert max_diff(m1, m2) < 2e-6
+
+
+def test_proxgen_without_regularizer_is_adamw():
+    torch.manual_seed(2)
+    m1 = small_model()
+    m2 = copy.deepcopy(m1)
+    o1 = ProxGen(m1.parameters(), lr=3e-3, weight_decay=0.01, betas=(0.8, 0.99))
+    o2 = torch.optim.AdamW(m2.parameters(), lr=3e-3, weight_decay=0.01, betas=(0.8, 0.99))
+    data = batches(30)
+    train(m1, o1, data)
+    train(m2, o2, data)
+    assert max_diff(m1, m2) < 1e-6
+
+
+def test_restart_schedule_resets_state_and_ramps_c():
+    torch.manual_seed(3)
+    model = small_model()
+    opt = RAMDA(build_param_groups(model, "group_lasso", lam=1e-3), lr=0.05, momentum=0.25,
+                eps=1e-5, milestones=(3, 6), gamma=0.5, keep_structured=True)
+    data = batches(12)
+    train(model, opt, data[:3])
+    for g in opt.param_groups:
+        assert (g["stage"], g["stage_step"], g["step"], g["alpha"]) == (1, 0, 3, 0.0)
+        assert g["lr"] == pytest.approx(0.025) and g["eps"] == pytest.approx(5e-6)
+        for p in g["params"]:
+            st = opt.state[p]
+            assert st["grad_sum"].abs().max() == 0 and st["grad_sq_sum"].abs().max() == 0
+            assert torch.equal(st["initial"], p.detach().view(-1))
+    train(model, opt, data[3:6])  # enters the final stage: c = min(0.25·√i, 1)
+    cs = []
+    for x, y in data[6:12]:
+        before = [p.detach().clone() for p in model.parameters()]
+        train(model, opt, [(x, y)])
+        g0 = opt.param_groups[1]
+        p = g0["params"][0]
+        cs.append(opt._c(g0))
+        w_hat = opt.state[p]["structured"].view_as(p)
+        old = before[[q is p for q in model.parameters()].index(True)]
+        torch.testing.assert_close(p.detach(), (1 - cs[-1]) * old + cs[-1] * w_hat)
+    assert cs == pytest.approx([0.25, 0.25 * math.sqrt(2), 0.25 * math.sqrt(3), 0.5,
+                                0.25 * math.sqrt(5), 0.25 * math.sqrt(6)])
+    train(model, opt, batches(12, seed=1))  # c reaches 1: W is the sparse Ŵ exactly
+    assert weighted_group_sparsity(opt) == weighted_group_sparsity(opt, structured=True)
+    for p in opt.param_groups[1]["params"]:
+        assert torch.equal(p.detach().view(-1), opt.state[p]["structured"])
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_state_dict_round_trip_mid_run_continues_identically(name, tmp_path):
+    torch.manual_seed(4)
+    m1 = small_model()
+    make = OPTIMIZERS[name]
+    o1 = make(build_param_groups(m1, "group_lasso", lam=3e-3, milestones=(8,)))
+    data = batches(14)
+    train(m1, o1, data[:5])
+    torch.save({"model": m1.state_dict(), "opt": o1.state_dict()}, tmp_path / "ckpt.pt")
+    train(m1, o1, data[5:])
+
+    m2 = small_model()
+    o2 = make(build_param_groups(m2, "group_lasso", lam=3e-3, milestones=(8,)))
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    m2.load_state_dict(ckpt["model"])
+    o2.load_state_dict(ckpt["opt"])
+    train(m2, o2, data[5:])
+    assert max_diff(m1, m2) == 0
+    assert o1.param_groups[0]["lr"] == o2.param_groups[0]["lr"] < 0.05  # restart happened
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_zero_lr_step_changes_nothing(name):
+    model = small_model()
+    opt = OPTIMIZERS[name](build_param_groups(model, "group_lasso", lam=1e-3))
+    train(model, opt, batches(3))
+    before = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    after = opt.state_dict()
+    for k, v in before[0].items():
+        assert torch.equal(v, model.state_dict()[k])
+    for k, st in before[1]["state"].items():
+        for sk, sv in st.items():
+            assert torch.equal(torch.as_tensor(sv), torch.as_tensor(after["state"][k][sk]))
+    assert [g["step"] for g in after["param_groups"]] == [g["step"] for g in before[1]["param_groups"]]
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(lr=-1.0), "lr must be"), (dict(lr=float("nan")), "lr must be"),
+    (dict(momentum=0.0), "momentum"), (dict(momentum=1.5), "momentum"),
+    (dict(eps=0.0), "eps must be"), (dict(lam=-1e-3, regularizer="group_lasso"), "lam must be"),
+    (dict(regularizer="group_lass"), "unknown regularizer"), (dict(solver="newton"), "solver"),
+    (dict(max_iters=0), "max_iters"), (dict(rtol=-1.0), "rtol"), (dict(milestones=(5, 3)), "milestones"),
+    (dict(gamma=0.0), "gamma"), (dict(inexact_eps0=-1.0), "inexact_eps0"),
+    (dict(regularizer="group_lasso", lam=1e-3, grouping="head:7"), "head size"),
+])
+def test_bad_hyperparameters_raise_clear_errors(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        RAMDA([nn.Parameter(torch.randn(4, 6))], **kwargs)
+
+
+def test_bad_proxgen_betas_and_1d_group_lasso():
+    with pytest.raises(ValueError, match="betas"):
+        ProxGen([nn.Parameter(torch.randn(3))], betas=(1.0, 0.9))
+    with pytest.raises(ValueError, match="at least 2 dims"):
+        RAMDA([dict(params=[nn.Parameter(torch.randn(3))], param_names=["fc.bias"])],
+              regularizer="group_lasso", lam=1e-3)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_gradient_raises_and_leaves_everything_unchanged(bad):
+    model = small_model()
+    opt = RAMDA(build_param_groups(model, "group_lasso", lam=1e-3))
+    train(model, opt, batches(2))
+    before = copy.deepcopy((model.state_dict(), opt.state_dict()))
+    x, y = batches(1, seed=5)[0]
+    F.cross_entropy(model(x), y).backward()
+    list(model.parameters())[2].grad[0, 0] = bad
+    with pytest.raises(FloatingPointError, match="non-finite gradient"):
+        opt.step()
+    for k, v in before[0].items():
+        assert torch.equal(v, model.state_dict()[k])
+    assert opt.param_groups[0]["step"] == before[1]["param_groups"][0]["step"]
+
+
+def test_solver_stats_are_reported_per_parameter_name():
+    model = small_model()
+    opt = RAMDA(build_param_groups(model, "group_lasso", lam=1e-3))
+    train(model, opt, batches(2))
+    assert set(opt.last_stats) == {"0.weight", "2.weight", "4.weight"}
+    st = opt.last_stats["2.weight"]
+    assert st.iterations >= 2 and st.active_groups + st.screened_groups == 16
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_logistic_regression_finds_the_relevant_features(name):
+    """Group lasso on a linear classifier whose labels depend on 8 of 40 features."""
+    g = torch.Generator().manual_seed(0)
+    n, d, k = 3000, 40, 4
+    X = torch.randn(n, d, generator=g)
+    W_true = torch.zeros(k, d)
+    W_true[:, :8] = torch.randn(k, 8, generator=g) * 2
+    y = (X @ W_true.T).argmax(1)
+    Xtr, ytr, Xte, yte = X[:2500], y[:2500], X[2500:], y[2500:]
+
+    def fit(make_opt, lam):
+        torch.manual_seed(0)
+        model = nn.Linear(d, k)
+        opt = make_opt(build_param_groups(model, "group_lasso", lam=lam, milestones=(300,)))
+        for _ in range(400):
+            idx = torch.randint(0, 2500, (128,))
+            opt.zero_grad()
+            F.cross_entropy(model(Xtr[idx]), ytr[idx]).backward()
+            opt.step()
+        acc = (model(Xte).argmax(1) == yte).float().mean().item()
+        kept = model.weight.detach().norm(dim=0) > 0
+        return acc, kept, opt
+
+    dense_acc, dense_kept, _ = fit(OPTIMIZERS[name], 0.0)
+    acc, kept, opt = fit(OPTIMIZERS[name], 1e-2)
+    assert dense_kept.all()
+    assert kept[:8].all()
+    if name.startswith(("RAMDA", "RMDA")):  # dual averaging identifies the structure exactly
+        assert not kept[8:].any()
+        assert weighted_group_sparsity(opt) == pytest.approx(32 / 40)
+    else:  # ProxSGD / ProxGen: no such guarantee, but most noise columns go
+        assert weighted_group_sparsity(opt) >= 0.7
+    assert acc >= dense_acc - 0.02 and acc > 0.85
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_zero_lr_step_on_a_fresh_optimizer_creates_state_and_changes_nothing(name):
+    """What DCP's get_optimizer_state_dict and accelerate's load_state do to a new optimizer."""
+    model = small_model()
+    opt = OPTIMIZERS[name](build_param_groups(model, "group_lasso", lam=1e-3))
+    before = copy.deepcopy(model.state_dict())
+    lrs = [g["lr"] for g in opt.param_groups]
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    assert len(opt.state) == len(list(model.parameters()))
+    for k, v in before.items():
+        assert torch.equal(v, model.state_dict()[k])
+    assert all(g["step"] == 0 for g in opt.param_groups)
+    for g, lr in zip(opt.param_groups, lrs):  # and training from there is a normal first step
+        g["lr"] = lr
+    fresh = small_model()
+    fresh.load_state_dict(before)
+    o2 = OPTIMIZERS[name](build_param_groups(fresh, "group_lasso", lam=1e-3))
+    data = batches(3)
+    train(model, opt, data)
+    train(fresh, o2, data)
+    assert max_diff(model, fresh) == 0
+
+
+def test_proxgen_counts_steps_per_parameter_like_adamw():
+    a, b = nn.Parameter(torch.randn(4, 3)), nn.Parameter(torch.randn(5))
+    a2, b2 = copy.deepcopy(a), copy.deepcopy(b)
+    o1, o2 = ProxGen([a, b], lr=1e-2), torch.optim.AdamW([a2, b2], lr=1e-2, weight_decay=0.0)
+    for i in range(6):
+        for x, y, o in ((a, b, o1), (a2, b2, o2)):
+            o.zero_grad()
+            loss = x.square().sum() + (y.sin().sum() if i >= 3 else 0)  # b gets grads from step 4
+            loss.backward()
+            o.step()
+    torch.testing.assert_close(a, a2)
+    torch.testing.assert_close(b, b2)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_channels_last_and_float64_parameters_match_the_plain_layout(name):
+    torch.manual_seed(5)
+    conv = nn.Conv2d(3, 4, 3)
+    ref = copy.deepcopy(conv)
+    conv = conv.to(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    start = ref.weight.detach().clone()
+    o1 = OPTIMIZERS[name](build_param_groups(conv, "group_lasso", lam=1e-2))
+    o2 = OPTIMIZERS[name](build_param_groups(ref, "group_lasso", lam=1e-2))
+    for _ in range(4):  # identical gradients, stored in each parameter's own memory format
+        g = torch.randn_like(ref.weight)
+        conv.weight.grad = g.contiguous(memory_format=torch.channels_last)
+        ref.weight.grad = g.clone()
+        o1.step()
+        o2.step()
+    assert conv.weight.grad.stride() != ref.weight.grad.stride()
+    torch.testing.assert_close(conv.weight, ref.weight, rtol=0, atol=0)
+    assert not torch.equal(ref.weight, start)
+    w64 = nn.Parameter(torch.randn(5, 4, dtype=torch.float64))
+    opt = OPTIMIZERS[name]([dict(params=[w64], regularizer="group_lasso", lam=1e-3)])
+    w64.grad = torch.randn_like(w64)
+    opt.step()
+    assert all(v.dtype == torch.float64 for v in opt.state[w64].values() if v.numel() > 1)
