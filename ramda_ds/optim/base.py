@@ -6,7 +6,12 @@ Param-group keys (all plain Python values, so they live in ``state_dict()``):
   ``grouping`` for group lasso (see :mod:`ramda_ds.groups`).
 * ``milestones`` (optimizer steps after which a new stage starts), ``gamma`` (lr/ε decay),
   ``final_stage_ramp`` (c = min(c0·√i, 1) in the stage after the last milestone).
-* counters kept by the optimizer: ``step`` (steps taken), ``stage``, ``stage_step``.
+
+Counters live in each tensor's state (``step``), not in the group: under ZeRO-3 one param group
+is stepped once per sub-group, and a tensor without a gradient does not advance.  The stage is a
+function of ``step``: ``stage = #{m ∈ milestones : step > m}``, the step inside the stage
+``i = step − m_stage``, and the effective lr (ε) is ``group["lr"] · γ^stage`` — so an LR scheduler
+that rewrites ``group["lr"]`` composes with the restart decay instead of overwriting it.
 """
 
 from __future__ import annotations
@@ -31,15 +36,16 @@ def _check(cond: bool, msg: str) -> None:
 class StructuredOptimizer(torch.optim.Optimizer):
     """Base class; subclasses implement :meth:`_update_group` (the algorithm, one screen)."""
 
-    #: per-parameter state tensors that a restart zeroes / resets (subclasses override)
+    #: per-tensor state that a restart zeroes / sets to W (subclasses override)
     restart_zero: tuple[str, ...] = ()
     restart_copy: tuple[str, ...] = ()
-    restart_decays_eps = False
 
     def __init__(self, params, defaults: dict, view=None):
         defaults = {**dict(regularizer=None, lam=0.0, grouping="input", milestones=(), gamma=0.1,
-                           final_stage_ramp=True), **defaults, "step": 0, "stage": 0, "stage_step": 0}
+                           final_stage_ramp=True), **defaults}
         super().__init__(params, defaults)
+        self.register_load_state_dict_pre_hook(_float64_state_to_python)
+        self.register_load_state_dict_post_hook(_python_state_to_float64)
         self.view = view if view is not None else Unsharded()
         self.last_stats: dict[str, SolverStats] = {}
         for i, g in enumerate(self.param_groups):
@@ -92,13 +98,10 @@ class StructuredOptimizer(torch.optim.Optimizer):
                 for _, p, w, g in self._params(group):
                     self._state(p, w, g)
                 continue
-            group["step"] += 1
-            group["stage_step"] += 1
             self._writeback = []
             self._update_group(group)
             for p, w in self._writeback:
                 p.detach().copy_(w.view(p.shape))
-            self._maybe_restart(group)
         return loss
 
     def _check_finite(self) -> None:
@@ -114,34 +117,35 @@ class StructuredOptimizer(torch.optim.Optimizer):
                 "parameters were left unchanged. Lower the learning rate, clip gradients or check "
                 "the loss for overflow.")
 
-    def _c(self, group: dict) -> float:
-        """The averaging weight c_t (the paper's momentum)."""
+    # ------------------------------------------------------------------ restart schedule
+    def _advance(self, group: dict, st: dict) -> tuple[int, int]:
+        """Count one step of this tensor; return (stage, step inside the stage, from 1)."""
+        st["step"] += 1
+        step = int(st["step"].item())
+        ms = group["milestones"]
+        stage = sum(step > m for m in ms)
+        return stage, step - (ms[stage - 1] if stage else 0)
+
+    @staticmethod
+    def _decayed(group: dict, key: str, stage: int) -> float:
+        return group[key] * group["gamma"] ** stage
+
+    @staticmethod
+    def _c(group: dict, stage: int, i: int) -> float:
+        """The averaging weight c (the paper's momentum); grows as min(c0·√i, 1) in the final stage."""
         c0 = group["momentum"]
-        final = len(group["milestones"]) and group["stage"] == len(group["milestones"])
-        if final and group["final_stage_ramp"]:
-            return min(c0 * math.sqrt(group["stage_step"]), 1.0)
+        if group["final_stage_ramp"] and group["milestones"] and stage == len(group["milestones"]):
+            return min(c0 * math.sqrt(i), 1.0)
         return c0
 
-    def _maybe_restart(self, group: dict) -> None:
-        if group["step"] not in group["milestones"]:
+    def _maybe_restart(self, group: dict, st: dict, w: torch.Tensor) -> None:
+        """After a milestone step: zero the accumulators, W0 ← W (App. A.1)."""
+        if int(st["step"].item()) not in group["milestones"]:
             return
-        group["lr"] *= group["gamma"]
-        if self.restart_decays_eps:
-            group["eps"] *= group["gamma"]
-        group["stage"] += 1
-        group["stage_step"] = 0
-        for p in group["params"]:
-            st = self.state.get(p)
-            if not st:
-                continue
-            for k in self.restart_zero:
-                st[k].zero_()
-            for k in self.restart_copy:
-                st[k].copy_(p.detach().reshape(-1))
-        self._on_restart(group)
-
-    def _on_restart(self, group: dict) -> None:
-        """Group-level counters to reset at a restart (subclasses)."""
+        for k in self.restart_zero:
+            st[k].zero_()
+        for k in self.restart_copy:
+            st[k].copy_(w)
 
     # ------------------------------------------------------------------ helpers for subclasses
     def _params(self, group: dict):
@@ -164,7 +168,7 @@ class StructuredOptimizer(torch.optim.Optimizer):
         """``self.state[p]``, created by :meth:`_init_state` on first use."""
         st = self.state[p]
         if not st:
-            st.update(self._init_state(w, g))
+            st.update(step=torch.zeros((), dtype=torch.float32), **self._init_state(w, g))
         return st
 
     def _init_state(self, w: torch.Tensor, g: torch.Tensor) -> dict:
@@ -173,7 +177,7 @@ class StructuredOptimizer(torch.optim.Optimizer):
     def _segments(self, group: dict, p: torch.Tensor, k: int) -> list[Segment]:
         return self.view.segments(p, group, k)
 
-    def _solve(self, group: dict, items: list[tuple[Segment, Subproblem]], shapes=None) -> None:
+    def _solve(self, group: dict, items: list[tuple[Segment, Subproblem]], stage_step: int = 1) -> None:
         """Solve the group's subproblems with its solver; record stats by parameter name."""
         reg = group["regularizer"]
         if not items:
@@ -192,7 +196,7 @@ class StructuredOptimizer(torch.optim.Optimizer):
             stats = solve_exact(probs, self.view.comm)
         else:
             eps0 = group.get("inexact_eps0")
-            tol = None if eps0 is None else eps0 / group["stage_step"]
+            tol = None if eps0 is None else eps0 / stage_step
             stats = solve_pg(probs, self.view.comm, group["max_iters"], group["rtol"], tol)
         for (seg, _), st in zip(items, stats):
             self.last_stats[seg.name] = st
@@ -220,6 +224,24 @@ class StructuredOptimizer(torch.optim.Optimizer):
                 x.copy_(torch.sign(x) * (x.abs() - tau).clamp_min_(0.0))
             elif reg == "nuclear":
                 x.copy_(singular_value_threshold(x.view(seg.shape), tau).view(-1))
+
+
+#: 0-d float64 state that torch's load_state_dict would otherwise cast to the param dtype
+FLOAT64_SCALARS = ("alpha",)
+
+
+def _float64_state_to_python(optimizer, state_dict):
+    """Copy of ``state_dict`` with those scalars as Python floats (the caller's dict is untouched)."""
+    state = {pid: {k: (v.item() if k in FLOAT64_SCALARS and torch.is_tensor(v) else v)
+                   for k, v in st.items()} for pid, st in state_dict["state"].items()}
+    return {**state_dict, "state": state}
+
+
+def _python_state_to_float64(optimizer):
+    for st in optimizer.state.values():
+        for k in FLOAT64_SCALARS:
+            if isinstance(st.get(k), float):
+                st[k] = torch.tensor(st[k], dtype=torch.float64)
 
 
 def group_tau(group: dict, seg: Segment, scale: float) -> float:

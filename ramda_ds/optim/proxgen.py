@@ -37,16 +37,15 @@ class ProxGen(StructuredOptimizer):
             self._validate_solver(g, f"param_groups[{i}]")
 
     def _init_state(self, w, g):
-        return dict(step=torch.zeros((), dtype=torch.float32), exp_avg=torch.zeros_like(g),
-                    exp_avg_sq=torch.zeros_like(g))
+        return dict(exp_avg=torch.zeros_like(g), exp_avg_sq=torch.zeros_like(g))
 
     def _update_group(self, group):
-        (b1, b2), lr = group["betas"], group["lr"]
+        (b1, b2) = group["betas"]
         items, updates = [], []
         for k, p, w, g in self._params(group):
             st = self._state(p, w, g)
-            st["step"] += 1  # per parameter, as AdamW: bias correction counts this tensor's steps
-            t = st["step"].item()
+            lr = self._decayed(group, "lr", self._advance(group, st)[0])
+            t = st["step"].item()  # per tensor, as AdamW
             a = lr / (1 - b1 ** t)
             m, v = st["exp_avg"], st["exp_avg_sq"]
             if group["weight_decay"]:

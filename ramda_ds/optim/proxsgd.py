@@ -25,9 +25,10 @@ class ProxSGD(StructuredOptimizer):
         return dict(momentum_buffer=torch.zeros_like(g))
 
     def _update_group(self, group):
-        lr, c, items, updates = group["lr"], group["momentum"], [], []
+        c, items, updates = group["momentum"], [], []
         for k, p, w, g in self._params(group):
             st = self._state(p, w, g)
+            lr = self._decayed(group, "lr", self._advance(group, st)[0])
             st["momentum_buffer"].lerp_(g, c)  # from 0, so the first step gives c·G
             x = torch.add(w.to(g.dtype), st["momentum_buffer"], alpha=-lr)
             for seg in self._segments(group, p, k):

@@ -31,9 +31,8 @@ class RAMDA(StructuredOptimizer):
     (keep Ŵ of the last step in ``state[p]["structured"]``, 4 more bytes/parameter).
     """
 
-    restart_zero = ("grad_sum", "grad_sq_sum")
+    restart_zero = ("grad_sum", "grad_sq_sum", "alpha")
     restart_copy = ("initial",)
-    restart_decays_eps = True
 
     def __init__(self, params, lr=1e-2, momentum=0.1, eps=1e-6, regularizer=None, lam=0.0,
                  grouping="input", solver="pg", max_iters=100, rtol=1e-8, inexact_eps0=None,
@@ -41,42 +40,40 @@ class RAMDA(StructuredOptimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, eps=eps, regularizer=regularizer,
                                       lam=lam, grouping=grouping, solver=solver, max_iters=max_iters,
                                       rtol=rtol, inexact_eps0=inexact_eps0, milestones=milestones,
-                                      gamma=gamma, final_stage_ramp=final_stage_ramp, alpha=0.0,
+                                      gamma=gamma, final_stage_ramp=final_stage_ramp,
                                       keep_structured=keep_structured), view)
         for i, g in enumerate(self.param_groups):
             self._validate_solver(g, f"param_groups[{i}]")
 
     def _init_state(self, w, g):
-        return dict(grad_sum=torch.zeros_like(g), grad_sq_sum=torch.zeros_like(g),
-                    initial=w.to(g.dtype, copy=True))
-
-    def _on_restart(self, group):
-        group["alpha"] = 0.0
+        return dict(alpha=torch.zeros((), dtype=torch.float64), grad_sum=torch.zeros_like(g),
+                    grad_sq_sum=torch.zeros_like(g), initial=w.to(g.dtype, copy=True))
 
     def _update_group(self, group):
-        s = group["lr"] * math.sqrt(group["stage_step"])
-        group["alpha"] += s
-        c, eps = self._c(group), group["eps"]
-        items, updates = [], []
+        items, updates, i = [], [], 1
         for k, p, w, g in self._params(group):
             st = self._state(p, w, g)
+            stage, i = self._advance(group, st)
+            s = self._decayed(group, "lr", stage) * math.sqrt(i)  # s_t = lr·√t
+            st["alpha"] += s
             V, U, W0 = st["grad_sum"], st["grad_sq_sum"], st["initial"]
             V.add_(g, alpha=s)
             U.addcmul_(g, g, value=s)
-            P = U.pow(1 / 3).add_(eps)
+            P = U.pow(1 / 3).add_(self._decayed(group, "eps", stage))
             w_hat = torch.addcdiv(W0, V, P, value=-1)  # unregularized solution W0 − V/P
             for seg in self._segments(group, p, k):
                 if not is_regularized(group, seg):
                     continue
                 r = slice(seg.lo, seg.hi)
-                const = (0.5 * P[r] * W0[r] - V[r]).mul_(W0[r])
                 w_hat[r] = w[r]  # warm start at W_{t−1}
-                items.append((seg, Subproblem(seg.groups, P[r], P[r] * W0[r] - V[r],
-                                              group_tau(group, seg, group["alpha"]), w_hat[r],
+                tau = group_tau(group, seg, st["alpha"].item())
+                const = (0.5 * P[r] * W0[r] - V[r]).mul_(W0[r])
+                items.append((seg, Subproblem(seg.groups, P[r], P[r] * W0[r] - V[r], tau, w_hat[r],
                                               const, seg.span)))
-            updates.append((w, st, w_hat))
-        self._solve(group, items)
-        for w, st, w_hat in updates:
+            updates.append((w, st, w_hat, self._c(group, stage, i)))
+        self._solve(group, items, i)
+        for w, st, w_hat, c in updates:
             w.lerp_(w_hat.to(w.dtype), c)  # W ← (1−c)W + cŴ
             if group["keep_structured"]:
                 st["structured"] = w_hat
+            self._maybe_restart(group, st, w)

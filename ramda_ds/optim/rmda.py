@@ -18,35 +18,34 @@ class RMDA(StructuredOptimizer):
     soft-threshold). State: ``grad_sum`` (V), ``initial`` (W0). Restarts as in :class:`RAMDA`.
     """
 
-    restart_zero = ("grad_sum",)
+    restart_zero = ("grad_sum", "alpha")
     restart_copy = ("initial",)
 
     def __init__(self, params, lr=1e-1, momentum=0.1, regularizer=None, lam=0.0, grouping="input",
                  milestones=(), gamma=0.1, final_stage_ramp=True, view=None):
         super().__init__(params, dict(lr=lr, momentum=momentum, regularizer=regularizer, lam=lam,
                                       grouping=grouping, milestones=milestones, gamma=gamma,
-                                      final_stage_ramp=final_stage_ramp, alpha=0.0), view)
+                                      final_stage_ramp=final_stage_ramp), view)
 
     def _init_state(self, w, g):
-        return dict(grad_sum=torch.zeros_like(g), initial=w.to(g.dtype, copy=True))
-
-    def _on_restart(self, group):
-        group["alpha"] = 0.0
+        return dict(alpha=torch.zeros((), dtype=torch.float64), grad_sum=torch.zeros_like(g),
+                    initial=w.to(g.dtype, copy=True))
 
     def _update_group(self, group):
-        t = group["stage_step"]
-        s = group["lr"] * math.sqrt(t)
-        group["alpha"] += s
-        c, items, updates = self._c(group), [], []
+        items, updates = [], []
         for k, p, w, g in self._params(group):
             st = self._state(p, w, g)
+            stage, t = self._advance(group, st)
+            s = self._decayed(group, "lr", stage) * math.sqrt(t)
+            st["alpha"] += s
             st["grad_sum"].add_(g, alpha=s)
             w_hat = torch.add(st["initial"], st["grad_sum"], alpha=-1 / math.sqrt(t))
             for seg in self._segments(group, p, k):
                 if is_regularized(group, seg):
-                    tau = group_tau(group, seg, group["alpha"] / math.sqrt(t))
+                    tau = group_tau(group, seg, st["alpha"].item() / math.sqrt(t))
                     items.append((seg, w_hat[seg.lo:seg.hi], tau))
-            updates.append((w, w_hat))
+            updates.append((w, st, w_hat, self._c(group, stage, t)))
         self._prox_(group, items)
-        for w, w_hat in updates:
+        for w, st, w_hat, c in updates:
             w.lerp_(w_hat.to(w.dtype), c)
+            self._maybe_restart(group, st, w)
