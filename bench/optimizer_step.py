@@ -33,12 +33,14 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_steps(model, opt, grads, steps, device, warmup=3):
+def time_steps(model, opt, grads, steps, device, warmup=2):
+    """Median step time; gradients G_i = mean + noise_i, correlated across steps as in training."""
     params = list(model.parameters())
     times = []
     for i in range(warmup + steps):
-        for p, g in zip(params, grads):
-            p.grad = g
+        gen = torch.Generator(device=device).manual_seed(i)
+        for p, (mean, scale) in zip(params, grads):
+            p.grad = torch.randn(mean.shape, generator=gen, device=device).mul_(scale).add_(mean)
         sync(device)
         t = time.perf_counter()
         opt.step()
@@ -52,7 +54,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--d-model", type=int, default=512)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--lam", type=float, default=2e-4)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
@@ -60,7 +62,7 @@ def main():
     torch.manual_seed(0)
     base = transformer_like(args.layers, args.d_model, device)
     n = sum(p.numel() for p in base.parameters())
-    grads = [torch.randn_like(p) * 1e-2 for p in base.parameters()]
+    grads = [(torch.randn_like(p) * 1e-2, 1e-2) for p in base.parameters()]
     print(f"{n / 1e6:.1f}M parameters on {device} ({torch.get_num_threads()} threads)")
 
     def fresh():

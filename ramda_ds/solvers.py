@@ -274,6 +274,7 @@ def solve_exact(probs: list[Subproblem], comm: Reducer = LOCAL, max_iters: int =
             sums.append([p.groups.sum(t), p.groups.sum(t.mul_(d))])  # ‖Z‖², Σ b²/(P+μ)³
         sums, done = _combine(comm, [probs[i] for i in newton], sums, pending)
         if done is not None and sum(v.item() for v in done) == 0:  # every rank's groups converged
+            iters -= 1  # (at the previous iteration, as a single process would report)
             break
         unconverged = []
         for i, (z2, z3) in zip(newton, sums):

@@ -34,7 +34,11 @@ def _check(cond: bool, msg: str) -> None:
 
 
 class StructuredOptimizer(torch.optim.Optimizer):
-    """Base class; subclasses implement :meth:`_update_group` (the algorithm, one screen)."""
+    """Base class; subclasses implement :meth:`_update_group` (the algorithm, one screen).
+
+    ``last_stats`` maps parameter names to the :class:`SolverStats` of their latest solve (kept
+    across calls: DeepSpeed ZeRO steps one param group per call).
+    """
 
     #: per-tensor state that a restart zeroes / sets to W (subclasses override)
     restart_zero: tuple[str, ...] = ()
@@ -90,32 +94,40 @@ class StructuredOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_finite()
-        self.last_stats = {}
+        present = self._agree_on_gradients()
         for gi, group in enumerate(self.param_groups):
             group["_index"] = gi
             if group["lr"] == 0:  # the probing step of DCP / accelerate: create state, change nothing
-                for _, p, w, g in self._params(group):
+                for _, p, w, g in self._params(group, present):
                     self._state(p, w, g)
                 continue
             self._writeback = []
-            self._update_group(group)
+            self._update_group(group, present)
             for p, w in self._writeback:
                 p.detach().copy_(w.view(p.shape))
         return loss
 
-    def _check_finite(self) -> None:
-        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        if not grads:
-            return
-        norms = torch._foreach_norm(grads)
-        bad = ~torch.stack(norms).isfinite()
-        if bad.any():
-            k = int(bad.nonzero()[0])
+    def _agree_on_gradients(self) -> set[int]:
+        """ids of params to update; raises on NaN/Inf before anything changes.
+
+        Sharded: one max-all-reduce makes every rank agree (a rank may hold an empty shard
+        without a gradient, or see the only NaN), so all ranks run the same collectives.
+        """
+        params = [p for g in self.param_groups for p in g["params"]]
+        local = [self.view.local(p.grad) if p.grad is not None else None for p in params]
+        norms = torch._foreach_norm([g for g in local if g is not None]) if any(
+            g is not None for g in local) else []
+        bad = bool(norms) and not bool(torch.stack(norms).isfinite().all())
+        has = [g is not None for g in local]
+        if self.view.comm.world_size > 1:
+            flags = torch.tensor([float(bad)] + [float(h) for h in has], dtype=torch.float64)
+            self.view.comm.max_(flags)
+            bad, has = bool(flags[0]), [bool(f) for f in flags[1:]]
+        if bad:
             raise FloatingPointError(
-                f"non-finite gradient (NaN or Inf) in parameter #{k}; the optimizer state and "
-                "parameters were left unchanged. Lower the learning rate, clip gradients or check "
-                "the loss for overflow.")
+                "non-finite gradient (NaN or Inf); the optimizer state and parameters were left "
+                "unchanged. Lower the learning rate, clip gradients or check the loss for overflow.")
+        return {id(p) for p, h in zip(params, has) if h}
 
     # ------------------------------------------------------------------ restart schedule
     def _advance(self, group: dict, st: dict) -> tuple[int, int]:
@@ -148,28 +160,39 @@ class StructuredOptimizer(torch.optim.Optimizer):
             st[k].copy_(w)
 
     # ------------------------------------------------------------------ helpers for subclasses
-    def _params(self, group: dict):
-        """(index, param, flat param, flat grad) for params with a gradient.
+    def _params(self, group: dict, present: set[int]):
+        """(index, param, flat local param, flat local grad) for params to update.
 
         The flat param is a view (or, for non-contiguous layouts such as channels_last, a copy
-        written back after the update) in logical row-major order; the grad is in the state
-        dtype (float64 for float64 params, else float32).
+        written back after the update) in logical row-major order of this rank's local tensor;
+        the grad is in the state dtype (float64 for float64 params, else float32), zeros where
+        this rank has no gradient but another rank does.
         """
         for k, p in enumerate(group["params"]):
-            if p.grad is None:
+            if id(p) not in present:
                 continue
-            w = p.detach().view(-1) if p.is_contiguous() else p.detach().reshape(-1)
-            if not p.is_contiguous() and hasattr(self, "_writeback"):
-                self._writeback.append((p, w))
+            lp = self.view.local(p.detach())
+            w = lp.view(-1) if lp.is_contiguous() else lp.reshape(-1)
+            if not lp.is_contiguous() and hasattr(self, "_writeback"):
+                self._writeback.append((lp, w))
             dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
-            yield k, p, w, p.grad.detach().reshape(-1).to(dtype)
+            if p.grad is None:
+                g = torch.zeros(w.shape, dtype=dtype, device=w.device)
+            else:
+                g = self.view.local(p.grad.detach()).reshape(-1).to(dtype)
+            yield k, p, w, g
 
     def _state(self, p: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> dict:
-        """``self.state[p]``, created by :meth:`_init_state` on first use."""
+        """This rank's flat local views of ``self.state[p]``, created on first use.
+
+        Per-element state is stored as the view wants (a DTensor like ``p`` under FSDP2).
+        """
         st = self.state[p]
         if not st:
-            st.update(step=torch.zeros((), dtype=torch.float32), **self._init_state(w, g))
-        return st
+            new = dict(step=torch.zeros((), dtype=torch.float32), **self._init_state(w, g))
+            st.update({k: self.view.wrap_state(p, v) for k, v in new.items()})
+        return {k: (self.view.local(v).view(-1) if torch.is_tensor(v) and v.dim() else v)
+                for k, v in st.items()}
 
     def _init_state(self, w: torch.Tensor, g: torch.Tensor) -> dict:
         raise NotImplementedError

@@ -39,10 +39,10 @@ class ProxGen(StructuredOptimizer):
     def _init_state(self, w, g):
         return dict(exp_avg=torch.zeros_like(g), exp_avg_sq=torch.zeros_like(g))
 
-    def _update_group(self, group):
+    def _update_group(self, group, present):
         (b1, b2) = group["betas"]
         items, updates = [], []
-        for k, p, w, g in self._params(group):
+        for k, p, w, g in self._params(group, present):
             st = self._state(p, w, g)
             lr = self._decayed(group, "lr", self._advance(group, st)[0])
             t = st["step"].item()  # per tensor, as AdamW

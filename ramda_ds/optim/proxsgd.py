@@ -24,9 +24,9 @@ class ProxSGD(StructuredOptimizer):
     def _init_state(self, w, g):
         return dict(momentum_buffer=torch.zeros_like(g))
 
-    def _update_group(self, group):
+    def _update_group(self, group, present):
         c, items, updates = group["momentum"], [], []
-        for k, p, w, g in self._params(group):
+        for k, p, w, g in self._params(group, present):
             st = self._state(p, w, g)
             lr = self._decayed(group, "lr", self._advance(group, st)[0])
             st["momentum_buffer"].lerp_(g, c)  # from 0, so the first step gives c·G

@@ -10,6 +10,26 @@ from ..solvers import Subproblem
 from .base import StructuredOptimizer, group_tau, is_regularized
 
 
+_CHUNK = 1 << 16
+
+
+def cube_root(U: torch.Tensor) -> torch.Tensor:
+    """∛U, the same for an element wherever it sits in a tensor.
+
+    CPU kernels compute ``pow`` with SIMD code for the body of a loop and scalar code for its
+    tails, which differ in the last ulp; a parameter's elements fall in different tails unsharded
+    and sharded, so the float32 results would differ.  On CPU we take the float64 cube root
+    (whose rounding to float32 hides that ulp) in cache-sized chunks; GPU ``pow`` is already
+    per-element.
+    """
+    if U.device.type != "cpu" or U.dtype != torch.float32:
+        return U.pow(1 / 3)
+    out = torch.empty_like(U)
+    for i in range(0, U.numel(), _CHUNK):
+        out[i:i + _CHUNK].copy_(U[i:i + _CHUNK].double().pow_(1 / 3))
+    return out
+
+
 class RAMDA(StructuredOptimizer):
     r"""Regularized Adaptive Momentum Dual Averaging.
 
@@ -49,9 +69,9 @@ class RAMDA(StructuredOptimizer):
         return dict(alpha=torch.zeros((), dtype=torch.float64), grad_sum=torch.zeros_like(g),
                     grad_sq_sum=torch.zeros_like(g), initial=w.to(g.dtype, copy=True))
 
-    def _update_group(self, group):
+    def _update_group(self, group, present):
         items, updates, i = [], [], 1
-        for k, p, w, g in self._params(group):
+        for k, p, w, g in self._params(group, present):
             st = self._state(p, w, g)
             stage, i = self._advance(group, st)
             s = self._decayed(group, "lr", stage) * math.sqrt(i)  # s_t = lr·√t
@@ -59,7 +79,7 @@ class RAMDA(StructuredOptimizer):
             V, U, W0 = st["grad_sum"], st["grad_sq_sum"], st["initial"]
             V.add_(g, alpha=s)
             U.addcmul_(g, g, value=s)
-            P = U.pow(1 / 3).add_(self._decayed(group, "eps", stage))
+            P = cube_root(U).add_(self._decayed(group, "eps", stage))
             w_hat = torch.addcdiv(W0, V, P, value=-1)  # unregularized solution W0 − V/P
             for seg in self._segments(group, p, k):
                 if not is_regularized(group, seg):
@@ -70,10 +90,10 @@ class RAMDA(StructuredOptimizer):
                 const = (0.5 * P[r] * W0[r] - V[r]).mul_(W0[r])
                 items.append((seg, Subproblem(seg.groups, P[r], P[r] * W0[r] - V[r], tau, w_hat[r],
                                               const, seg.span)))
-            updates.append((w, st, w_hat, self._c(group, stage, i)))
+            updates.append((p, w, st, w_hat, self._c(group, stage, i)))
         self._solve(group, items, i)
-        for w, st, w_hat, c in updates:
+        for p, w, st, w_hat, c in updates:
             w.lerp_(w_hat.to(w.dtype), c)  # W ← (1−c)W + cŴ
             if group["keep_structured"]:
-                st["structured"] = w_hat
+                self.state[p]["structured"] = self.view.wrap_state(p, w_hat)
             self._maybe_restart(group, st, w)

@@ -31,9 +31,9 @@ class RMDA(StructuredOptimizer):
         return dict(alpha=torch.zeros((), dtype=torch.float64), grad_sum=torch.zeros_like(g),
                     initial=w.to(g.dtype, copy=True))
 
-    def _update_group(self, group):
+    def _update_group(self, group, present):
         items, updates = [], []
-        for k, p, w, g in self._params(group):
+        for k, p, w, g in self._params(group, present):
             st = self._state(p, w, g)
             stage, t = self._advance(group, st)
             s = self._decayed(group, "lr", stage) * math.sqrt(t)

@@ -1,0 +1,77 @@
+"""Pick and install the view that matches how the model was wrapped."""
+
+from __future__ import annotations
+
+import torch
+
+from ..comm import ProcessGroupReducer
+from .base import Unsharded
+
+
+def _unwrap_optimizer(opt):
+    from ..optim.base import StructuredOptimizer
+
+    seen = opt
+    for _ in range(5):
+        if isinstance(seen, StructuredOptimizer):
+            return seen
+        seen = getattr(seen, "optimizer", None)
+    raise TypeError(f"no ramda_ds optimizer inside {type(opt).__name__}")
+
+
+def attach(optimizer, model, process_group=None):
+    """Install the right view on the ramda_ds optimizer inside ``optimizer``; return that view.
+
+    Call it after ``deepspeed.initialize`` / ``fully_shard`` / ``accelerator.prepare``.
+    ``model`` is the DeepSpeed engine, the FSDP2-sharded module, a DDP module or a plain module.
+    """
+    opt = _unwrap_optimizer(optimizer)
+    if any(g.get("regularizer") == "nuclear" and g.get("lam", 0) > 0 for g in opt.param_groups):
+        nuclear = True
+    else:
+        nuclear = False
+    view = _view_for(model, opt, process_group)
+    if view.sharded and nuclear:
+        raise ValueError("the nuclear-norm regularizer needs whole 2-D weights; it is not "
+                         "supported with ZeRO/FSDP sharding")
+    opt.view = view
+    return view
+
+
+def _view_for(model, opt, process_group):
+    try:
+        from deepspeed import DeepSpeedEngine
+    except ImportError:  # pragma: no cover
+        DeepSpeedEngine = ()
+    if DeepSpeedEngine and isinstance(model, DeepSpeedEngine):
+        from .deepspeed import Zero3View, ZeroFlatView
+
+        stage = model.zero_optimization_stage()
+        names = {id(p): n for n, p in model.module.named_parameters()}
+        if stage == 0:
+            return Unsharded()
+        zero = model.optimizer
+        comm = ProcessGroupReducer(process_group or getattr(zero, "dp_process_group", None))
+        if stage in (1, 2):
+            return ZeroFlatView(zero, comm, names)
+        import torch.distributed as dist
+
+        return Zero3View(zero, comm, names, dist.get_rank(comm.group))
+    names = {id(p): n for n, p in model.named_parameters()}
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        from .fsdp import FSDP2View
+
+        mesh_group = process_group
+        if mesh_group is None:
+            p = next(p for p in model.parameters() if isinstance(p, DTensor))
+            mesh_group = p.device_mesh.get_group()
+        return FSDP2View(ProcessGroupReducer(mesh_group), names)
+    if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
+        raise NotImplementedError("FSDP1 (FullyShardedDataParallel) is not supported yet; use "
+                                  "FSDP2 fully_shard")
+    return Unsharded()
+
+
+

@@ -1,0 +1,144 @@
+"""Segments, the unsharded view, and the shared machinery of sharded views."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..comm import LOCAL, Reducer
+from ..groups import GroupLayout, SegmentGroups, layout_for
+from ..solvers import Span
+
+
+@dataclass
+class Segment:
+    name: str  # original parameter name
+    shape: tuple  # original parameter shape
+    lo: int  # local flat range in the handed tensor
+    hi: int
+    start: int  # where the range starts in the flattened original parameter
+    groups: SegmentGroups | None  # group structure of the range, None if unregularized
+    span: Span | None = None  # groups crossing shards (None: all groups whole on this rank)
+    column_block: tuple | None = None  # (R, first group, groups, K): a column block, not a range
+
+    @property
+    def numel(self) -> int:
+        return self.hi - self.lo
+
+
+def layout_of(group: dict, shape, name: str = "<tensor>") -> GroupLayout | None:
+    reg = group.get("regularizer")
+    if reg == "group_lasso":
+        return layout_for(shape, group.get("grouping", "input"), name)
+    if reg == "l1":
+        return layout_for(shape, "element", name)
+    return None
+
+
+def make_segment(name, shape, lo, hi, start, group, local_shape=None, group_offset=0) -> Segment:
+    """A segment whose groups follow the param group's regularizer and grouping rule.
+
+    ``local_shape``/``group_offset`` describe a column block ``[:, offset:offset+n, ...]`` of the
+    original tensor held whole on this rank (FSDP2 ``Shard(1)``) instead of a flat range.
+    """
+    layout = layout_of(group, shape, name)
+    groups = block = None
+    if local_shape is not None:
+        ncols = (hi - lo) // (layout.rows * layout.inner)
+        block = (layout.rows, group_offset, ncols, layout.inner)
+        groups = SegmentGroups(GroupLayout(layout.rows, ncols, layout.inner),
+                               group_offset=group_offset, weight_layout=layout)
+    elif layout is not None:
+        groups = SegmentGroups(layout, start, start + hi - lo)
+    return Segment(name, tuple(shape), lo, hi, start, groups, column_block=block)
+
+
+class Unsharded:
+    """Single process or replicated data parallel (DDP): every tensor is a whole parameter."""
+
+    comm: Reducer = LOCAL
+    sharded = False
+
+    def segments(self, p: torch.Tensor, group: dict, index: int) -> list[Segment]:
+        names = group.get("param_names")
+        name = names[index] if names else f"param_groups[{group.get('_index', '?')}][{index}]"
+        return [make_segment(name, tuple(p.shape), 0, p.numel(), 0, group)]
+
+    def local(self, t: torch.Tensor) -> torch.Tensor:
+        """The tensor this rank computes on (a DTensor's local shard)."""
+        return t
+
+    def handed(self, optimizer):
+        """(tensor, param group, index) for every tensor the optimizer is handed at a step."""
+        for group in optimizer.param_groups:
+            for k, p in enumerate(group["params"]):
+                yield p, group, k
+
+    def wrap_state(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """How a per-element state tensor is stored (FSDP2: a DTensor like ``p``)."""
+        return t
+
+
+class ShardedView(Unsharded):
+    """Common part of sharded views: caches segments and computes which groups span ranks.
+
+    Subclasses implement :meth:`describe`, returning for a handed tensor one entry per original
+    parameter it can hold, **in the same order on every rank** (empty ranges included), so that
+    every rank builds the same list of subproblems and issues the same collectives.
+    """
+
+    sharded = True
+
+    def __init__(self, comm: Reducer, names: dict[int, str]):
+        self.comm, self.names = comm, names
+        self._cache: dict[int, list[Segment]] = {}
+
+    def describe(self, p: torch.Tensor, group: dict) -> list[dict]:
+        """``make_segment`` keyword arguments for each original parameter of ``p``."""
+        raise NotImplementedError
+
+    def segments(self, p, group, index):
+        key = id(p)
+        if key not in self._cache:
+            segs = [make_segment(group=group, **d) for d in self.describe(p, group)]
+            attach_spans(segs, self.comm)
+            self._cache[key] = segs
+        return self._cache[key]
+
+    def name(self, p: torch.Tensor) -> str:
+        return self.names.get(id(p), f"<unnamed {tuple(p.shape)}>")
+
+
+def attach_spans(segs: list[Segment], comm) -> None:
+    """Mark the groups of each segment that other ranks also touch (one all-gather, once).
+
+    Rank r touches groups ``[lo_r, lo_r + n_r)`` of a parameter.  Groups touched by ≥ 2 ranks are
+    *spanning*: they get consecutive slots in the per-parameter reduction block, identical on every
+    rank; each is *owned* (objective, counts) by the lowest rank touching it.
+    """
+    import torch.distributed as dist
+
+    mine = [(s.groups.group_lo, s.groups.num_groups) if s.groups is not None else None for s in segs]
+    every: list = [None] * comm.world_size
+    dist.all_gather_object(every, mine, group=getattr(comm, "group", None))
+    me = dist.get_rank(getattr(comm, "group", None))
+    for j, seg in enumerate(segs):
+        ivals = [r[j] for r in every]
+        if len({type(v) for v in ivals}) != 1 or len({len(r) for r in every}) != 1:
+            raise RuntimeError(f"ranks disagree on the parameters of one optimizer tensor ({seg.name})")
+        if seg.groups is None:
+            continue
+        hi = max(a + n for a, n in ivals)
+        count = torch.zeros(hi, dtype=torch.int32)
+        first = torch.full((hi,), len(ivals), dtype=torch.int32)
+        for r, (a, n) in reversed(list(enumerate(ivals))):
+            count[a:a + n] += 1
+            first[a:a + n] = r
+        spanning = count >= 2
+        slot = torch.cumsum(spanning.to(torch.int64), 0) - 1
+        a, n = ivals[me]
+        local_span = spanning[a:a + n]
+        local_idx = local_span.nonzero().view(-1)
+        seg.span = Span(local_idx=local_idx, global_pos=slot[a:a + n][local_span],
+                        count=int(spanning.sum()), owned=first[a:a + n] == me)
