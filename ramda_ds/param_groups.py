@@ -34,8 +34,9 @@ def build_param_groups(model: nn.Module, regularizer: str = "group_lasso", lam: 
                        grouping: dict[str, str] | None = None, **overrides) -> list[dict]:
     """Param groups: one unregularized group, one per grouping rule of regularized tensors.
 
-    Each group carries ``param_names`` (kept by DeepSpeed), so sharded views can find every
-    tensor's original name and shape. ``overrides`` go into every group (e.g. ``lr``).
+    Each group carries ``param_names`` (kept by DeepSpeed) and, for regularized groups,
+    ``param_shapes``, so sharded views can find every tensor's original name and shape. For FSDP1
+    (``use_orig_params=True``, which flattens parameters in place) call it before wrapping. ``overrides`` go into every group (e.g. ``lr``).
     Raises ValueError if a pattern matches no parameter or a rule does not fit a shape.
     """
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -66,6 +67,7 @@ def build_param_groups(model: nn.Module, regularizer: str = "group_lasso", lam: 
     if free[0]:
         groups.append(dict(params=free[0], param_names=free[1], regularizer=None, lam=0.0, **overrides))
     for rule, (ps, ns) in reg.items():
-        groups.append(dict(params=ps, param_names=ns, regularizer=regularizer, lam=lam,
+        groups.append(dict(params=ps, param_names=ns, param_shapes=[tuple(p.shape) for p in ps],
+                           regularizer=regularizer, lam=lam,
                            grouping="input" if rule == "element" else rule, **overrides))
     return groups

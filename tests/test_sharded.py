@@ -21,7 +21,7 @@ from common import OPTIMIZERS, make_model, reference  # noqa: E402
 from ramda_ds.groups import layout_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-BACKENDS = ["ddp", "zero1", "zero2", "zero3", "fsdp2", "fsdp2_cols"]
+BACKENDS = ["ddp", "zero1", "zero2", "zero3", "fsdp2", "fsdp2_cols", "fsdp1"]
 
 
 def free_port():
@@ -64,6 +64,8 @@ def test_sharded_run_equals_unsharded_run(backend, tmp_path, references):
         got = results[name]
         if backend.startswith("fsdp2"):
             assert set(got["sharded"]) == {"DTensor"}, "FSDP2 did not shard the parameters"
+        if backend == "fsdp1":
+            assert set(got["param_dims"]) == {1}, "FSDP1 did not flatten the parameters"
         assert set(got["full"]) == set(ref_state)
         for pname, tensors in ref_state.items():
             assert set(got["full"][pname]) == set(tensors), (name, pname)

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from ..sharding import Segment, Unsharded
+from ..sharding import Segment, Unsharded, layout_of
 from ..solvers import (SolverStats, Subproblem, group_soft_threshold, singular_value_threshold,
                        solve_exact, solve_l1, solve_nuclear_pg, solve_pg)
 
@@ -78,9 +78,10 @@ class StructuredOptimizer(torch.optim.Optimizer):
             _check(all(p.dim() == 2 for p in g["params"]) or not isinstance(self.view, Unsharded),
                    f"{where}: the nuclear norm needs 2-D weights")
         if g["regularizer"] in ("group_lasso", "l1"):  # fail now, not at the first step
+            names, shapes = g.get("param_names"), g.get("param_shapes")
             for k, p in enumerate(g["params"]):
-                g["_index"] = i
-                self.view.segments(p, g, k)
+                layout_of(g, tuple(shapes[k]) if shapes else tuple(p.shape),
+                          names[k] if names else f"{where}[{k}]")
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)

@@ -68,9 +68,14 @@ def _view_for(model, opt, process_group):
             p = next(p for p in model.parameters() if isinstance(p, DTensor))
             mesh_group = p.device_mesh.get_group()
         return FSDP2View(ProcessGroupReducer(mesh_group), names)
-    if any(type(m).__name__ == "FullyShardedDataParallel" for m in model.modules()):
-        raise NotImplementedError("FSDP1 (FullyShardedDataParallel) is not supported yet; use "
-                                  "FSDP2 fully_shard")
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    fsdp1 = [m for m in model.modules() if isinstance(m, FullyShardedDataParallel)]
+    if fsdp1:
+        from .fsdp import FSDP1View
+
+        names = {id(p): n.replace("_fsdp_wrapped_module.", "") for n, p in model.named_parameters()}
+        return FSDP1View(ProcessGroupReducer(process_group or fsdp1[0].process_group), names, model)
     return Unsharded()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -63,7 +64,10 @@ class Unsharded:
     def segments(self, p: torch.Tensor, group: dict, index: int) -> list[Segment]:
         names = group.get("param_names")
         name = names[index] if names else f"param_groups[{group.get('_index', '?')}][{index}]"
-        return [make_segment(name, tuple(p.shape), 0, p.numel(), 0, group)]
+        shapes = group.get("param_shapes")
+        shape = tuple(shapes[index]) if shapes and len(shapes) == len(group["params"]) \
+            and math.prod(shapes[index]) == p.numel() else tuple(p.shape)
+        return [make_segment(name, shape, 0, p.numel(), 0, group)]
 
     def local(self, t: torch.Tensor) -> torch.Tensor:
         """The tensor this rank computes on (a DTensor's local shard)."""

@@ -78,3 +78,30 @@ def shard_columns(min_numel: int = 0):
         return None
 
     return fn
+
+
+class FSDP1View(ShardedView):
+    """FSDP1 (``FullyShardedDataParallel(use_orig_params=True)``): each original parameter is a
+    1-D slice ``[intra_param_start_idx, intra_param_end_idx]`` of its flattened self (possibly
+    empty: ranks without a slice also get ``grad=None``)."""
+
+    def __init__(self, comm, names, model):
+        super().__init__(comm, names)
+        self.where: dict[int, tuple] = {}
+        for m in model.modules():
+            handle = getattr(m, "_handle", None)
+            flat = getattr(handle, "flat_param", None)
+            if flat is None or getattr(flat, "_params", None) is None:
+                continue
+            for param, info, shape, fqn in zip(flat._params, flat._shard_param_infos,
+                                                flat._shapes, flat._fqns):
+                self.where[id(param)] = (info, tuple(shape))
+
+    def describe(self, p, group):
+        if id(p) not in self.where:
+            raise ValueError("FSDP1 needs use_orig_params=True (the optimizer must hold the "
+                             "original parameters)")
+        info, shape = self.where[id(p)]
+        n = info.numel_in_shard if info.in_shard else 0
+        start = info.intra_param_start_idx if info.in_shard else 0
+        return [dict(name=self.name(p), shape=shape, lo=0, hi=n, start=start)]

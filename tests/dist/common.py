@@ -38,8 +38,12 @@ def make_model():
     return Net()
 
 
-def make_optimizer(name, model):
-    return OPTIMIZERS[name](build_param_groups(model, "group_lasso", lam=5e-2))
+def param_groups(model):
+    return build_param_groups(model, "group_lasso", lam=5e-2)
+
+
+def make_optimizer(name, model, groups=None):
+    return OPTIMIZERS[name](groups or param_groups(model))
 
 
 def batches(n=STEPS + 3):

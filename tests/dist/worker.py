@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import OPTIMIZERS, STEPS, batches, loss_fn, make_model, make_optimizer  # noqa: E402
+from common import (OPTIMIZERS, STEPS, batches, loss_fn, make_model, make_optimizer,  # noqa: E402
+                    param_groups)
 
 from ramda_ds.sharding import attach  # noqa: E402
 from ramda_ds.sharding.gather import gather_full_state  # noqa: E402
@@ -80,6 +81,35 @@ def build(name):
             set_state_dict(model, opt, model_state_dict=state["model"],
                            optim_state_dict=state["optim"])
         return step, opt, save, load
+    if BACKEND == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        groups = param_groups(model)  # before FSDP1 flattens the parameters in place
+        fsdp = FSDP(model, use_orig_params=True, device_id=torch.device("cpu"),
+                    auto_wrap_policy=ModuleWrapPolicy({torch.nn.Linear, torch.nn.Conv1d}))
+        opt = make_optimizer(name, fsdp, groups)
+        attach(opt, fsdp)
+
+        def step(x, y):
+            opt.zero_grad()
+            loss_fn(fsdp(x), y).backward()
+            opt.step()
+
+        from torch.distributed.fsdp import StateDictType
+
+        def save(d):  # FSDP1's own sharded path: each rank saves its shard
+            with FSDP.state_dict_type(fsdp, StateDictType.SHARDED_STATE_DICT):
+                ck = {"model": fsdp.state_dict(), "optim": FSDP.optim_state_dict(fsdp, opt)}
+            torch.save(ck, f"{d}.rank{dist.get_rank()}.pt")
+            dist.barrier()
+
+        def load(d):
+            ck = torch.load(f"{d}.rank{dist.get_rank()}.pt", weights_only=False)
+            with FSDP.state_dict_type(fsdp, StateDictType.SHARDED_STATE_DICT):
+                fsdp.load_state_dict(ck["model"])
+                opt.load_state_dict(FSDP.optim_state_dict_to_load(fsdp, opt, ck["optim"]))
+        return step, opt, save, load
     if BACKEND == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -143,7 +173,8 @@ def main():
         resumed = gather_full_state(opt2)
         results[name] = dict(full=full, stats=stats, continued=continued, resumed=resumed,
                              collectives_per_step=per_step, last_step=last_step,
-                             sharded=[type(p).__name__ for g in opt.param_groups for p in g["params"]])
+                             sharded=[type(p).__name__ for g in opt.param_groups for p in g["params"]],
+                             param_dims=[p.dim() for g in opt.param_groups for p in g["params"]])
     if dist.get_rank() == 0:
         torch.save(results, OUT)
     dist.barrier()
