@@ -1,0 +1,202 @@
+"""Sharded RAMDA at 2 ranks: optimizer-state bytes, collectives, step time per backend.
+
+    python bench/sharded_step.py            # launches one 2-process torchrun per backend (CPU, gloo)
+
+For each backend it prints, for RAMDA (group lasso, PG) on a transformer-shaped stack of Linear
+layers: per-rank optimizer-state bytes against the ideal 12·P/N (V, U, W0 in fp32), the number
+and total bytes of the collectives the optimizer issued in one step, the PG iterations of that
+step, and the optimizer step time relative to the same step unsharded in one process (one thread
+per rank, as the workers run).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from ramda_ds.optim import RAMDA  # noqa: E402
+from ramda_ds.param_groups import build_param_groups  # noqa: E402
+
+BACKENDS = ["ddp", "zero1", "zero2", "zero3", "fsdp2", "fsdp2_cols", "fsdp1"]
+D, LAYERS, STEPS = 256, 4, 3
+
+
+class Stack(nn.Module):
+    """Transformer-shaped Linear layers; forward(x, step) is a scalar whose gradient is a fixed
+    random rank-1 pattern per layer and step (same on every backend)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        blocks = []
+        for _ in range(LAYERS):
+            blocks += [nn.Linear(D, 3 * D), nn.Linear(D, D), nn.Linear(D, 4 * D), nn.Linear(4 * D, D)]
+        self.blocks = nn.ModuleList(blocks)
+
+    def forward(self, x, step):
+        g = torch.Generator().manual_seed(step)
+        out = 0
+        for b in self.blocks:
+            pattern = torch.randn(1, b.out_features, generator=g) * 1e-2
+            out = out + (b(x[:, :b.in_features]) * pattern).sum()
+        return out
+
+
+def model():
+    return Stack()
+
+
+def make_opt(groups):
+    return RAMDA(groups, lr=1e-2, eps=1e-6)
+
+
+def groups_of(m):
+    return build_param_groups(m, "group_lasso", lam=3e-4)
+
+
+def timed_steps(step_fn, opt):
+    """Median optimizer.step() time; collectives of the last step."""
+    inner = opt.step
+    times = []
+
+    def wrapped(*a, **k):
+        t = time.perf_counter()
+        out = inner(*a, **k)
+        times.append(time.perf_counter() - t)
+        return out
+    opt.step = wrapped
+    comm = None
+    for s in range(STEPS):
+        comm = getattr(opt.view, "comm", None)
+        c0, b0 = getattr(comm, "calls", 0), getattr(comm, "bytes", 0)
+        step_fn(s)
+    calls, nbytes = getattr(comm, "calls", 0) - c0, getattr(comm, "bytes", 0) - b0
+    return sorted(times)[len(times) // 2] * 1e3 * (len(times) // STEPS), calls, nbytes
+
+
+def unsharded():
+    torch.set_num_threads(1)
+    m = model()
+    params = list(m.parameters())
+    opt = make_opt(groups_of(m))
+    torch.manual_seed(1)
+    x = torch.randn(1, 4 * D)
+
+    def step(s):
+        opt.zero_grad()
+        m(x, s).backward()
+        opt.step()
+    ms, _, _ = timed_steps(step, opt)
+    return ms, sum(p.numel() for p in params)
+
+
+def worker(backend):
+    import torch.distributed as dist
+
+    from ramda_ds.sharding import attach
+
+    m = model()
+    names = [n for n, _ in m.named_parameters()]
+    if backend.startswith("zero"):
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda *a, **k: None
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+        opt = make_opt(groups_of(m))
+        cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": int(backend[-1])},
+               "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0,
+               "steps_per_print": 10**9}
+        engine, ds_opt, _, _ = deepspeed.initialize(model=m, optimizer=opt, config=cfg)
+        attach(ds_opt, engine)
+        torch.manual_seed(1)
+        x = torch.randn(1, 4 * D)
+
+        def step(s):
+            engine.backward(engine(x, s))
+            engine.step()
+    else:
+        dist.init_process_group("gloo")
+        groups = groups_of(m)
+        if backend == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            wrapped = DDP(m)
+        elif backend.startswith("fsdp2"):
+            from torch.distributed.fsdp import fully_shard
+
+            from ramda_ds.sharding.fsdp import shard_columns
+            kw = dict(shard_placement_fn=shard_columns()) if backend == "fsdp2_cols" else {}
+            for b in m.blocks:
+                fully_shard(b, **kw)
+            wrapped = fully_shard(m, **kw)
+            groups = groups_of(m)
+        else:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+            from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+            wrapped = FSDP(m, use_orig_params=True, device_id=torch.device("cpu"),
+                           auto_wrap_policy=ModuleWrapPolicy({nn.Linear}))
+        opt = make_opt(groups)
+        attach(opt, wrapped)
+        torch.manual_seed(1)
+        x = torch.randn(1, 4 * D)
+
+        def step(s):
+            opt.zero_grad()
+            wrapped(x, s).backward()
+            opt.step()
+    ms, calls, nbytes = timed_steps(step, opt)
+    state_bytes = 0
+    for st in opt.state.values():
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.dim() and k != "structured":
+                state_bytes += opt.view.local(v).numel() * v.element_size()
+    iters = max((s.iterations for s in opt.last_stats.values()), default=0)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, state_bytes)
+    if dist.get_rank() == 0:
+        print("RESULT " + json.dumps(dict(backend=backend, ms=ms, calls=calls, bytes=nbytes,
+                                          state_bytes=every, iters=iters, n_names=len(names))))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main():
+    if len(sys.argv) > 2 and sys.argv[1] == "--worker":
+        return worker(sys.argv[2])
+    base_ms, P = unsharded()
+    print(f"RAMDA + group lasso (PG), {P / 1e6:.2f}M parameters, 2 ranks (gloo, 1 thread each)")
+    print(f"unsharded 1-process optimizer step: {base_ms:.1f} ms; ideal state per rank "
+          f"12·P/N = {12 * P / 2 / 1e6:.2f} MB")
+    print(f"{'backend':11s} {'state MB/rank':>15s} {'vs ideal':>9s} {'collectives':>11s} "
+          f"{'KB/step':>8s} {'PG iters':>8s} {'step ms':>8s} {'vs 1-proc':>9s}")
+    for backend in BACKENDS:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                              "--master-addr", "127.0.0.1", "--master-port", str(port), __file__,
+                              "--worker", backend], env=env, capture_output=True, text=True)
+        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{backend:11s} failed: {out.stderr[-500:]}")
+            continue
+        r = json.loads(line[7:])
+        mb = [b / 1e6 for b in r["state_bytes"]]
+        print(f"{backend:11s} {'/'.join(f'{x:.2f}' for x in mb):>15s} "
+              f"{max(mb) / (12 * P / 2 / 1e6):8.2f}x {r['calls']:11d} {r['bytes'] / 1e3:8.1f} "
+              f"{r['iters']:8d} {r['ms']:8.1f} {r['ms'] / base_ms:8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
