@@ -101,3 +101,22 @@ def test_spanning_groups_are_reduced_in_one_collective_per_iteration(backend, tm
         assert last["calls"] <= last["max_iterations"] + 1 + 2 * 4, (name, last)
     assert results["RMDA"]["last_step"]["calls"] <= 2 * 2  # agreement + one prox reduction per group
     assert results["RAMDA"]["last_step"]["bytes"] > 0
+
+
+def test_column_sharded_local_solve_needs_no_communication_for_local_tensors(tmp_path, references):
+    """FSDP2 Shard(1) + local_solve: fc1.weight (20 input columns, 10 per rank) is solved with no
+    collective. Each rank then applies PG's stop test to its own half of the groups, so PG results
+    match the unsharded run only within the solver's inexactness (measured ~1.5e-3 after 5 steps);
+    the exact solver matches to float precision; sparsity patterns match exactly."""
+    exact = run_workers("fsdp2_cols", tmp_path)
+    local = run_workers("fsdp2_cols_local", tmp_path)
+    for name in ("RAMDA", "ProxGen", "RAMDA-exact"):
+        assert local[name]["last_step"]["bytes"] < exact[name]["last_step"]["bytes"], name
+        ref = references[name][0]["fc1.weight"]
+        got = local[name]["full"]["fc1.weight"]
+        for key in ref:
+            rel = ((got[key] - ref[key]).abs().max() / ref[key].abs().max()).item()
+            assert rel < (1e-5 if name == "RAMDA-exact" else 1e-2), (name, key, rel)
+        for key in ("param", "structured"):
+            if key in ref:
+                assert torch.equal(zero_groups("fc1.weight", got[key]), zero_groups("fc1.weight", ref[key]))

@@ -19,11 +19,14 @@ def _unwrap_optimizer(opt):
     raise TypeError(f"no ramda_ds optimizer inside {type(opt).__name__}")
 
 
-def attach(optimizer, model, process_group=None):
+def attach(optimizer, model, process_group=None, local_solve: bool = False):
     """Install the right view on the ramda_ds optimizer inside ``optimizer``; return that view.
 
     Call it after ``deepspeed.initialize`` / ``fully_shard`` / ``accelerator.prepare``.
     ``model`` is the DeepSpeed engine, the FSDP2-sharded module, a DDP module or a plain module.
+    ``local_solve=True``: tensors with no group crossing ranks (FSDP2 ``Shard(1)`` via
+    ``shard_columns``) are solved without any communication; each rank applies PG's stop test to
+    its own groups, so results equal the unsharded run within the solver tolerance, not bitwise.
     """
     opt = _unwrap_optimizer(optimizer)
     if any(g.get("regularizer") == "nuclear" and g.get("lam", 0) > 0 for g in opt.param_groups):
@@ -34,6 +37,7 @@ def attach(optimizer, model, process_group=None):
     if view.sharded and nuclear:
         raise ValueError("the nuclear-norm regularizer needs whole 2-D weights; it is not "
                          "supported with ZeRO/FSDP sharding")
+    view.local_solve = local_solve
     opt.view = view
     return view
 

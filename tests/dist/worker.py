@@ -58,12 +58,12 @@ def build(name):
         from torch.distributed.fsdp import fully_shard
         from ramda_ds.sharding.fsdp import shard_columns
 
-        kw = dict(shard_placement_fn=shard_columns()) if BACKEND == "fsdp2_cols" else {}
+        kw = dict(shard_placement_fn=shard_columns()) if "cols" in BACKEND else {}
         for m in (model.conv, model.fc1, model.head):
             fully_shard(m, **kw)
         fully_shard(model, **kw)
         opt = make_optimizer(name, model)
-        attach(opt, model)
+        attach(opt, model, local_solve=BACKEND == "fsdp2_cols_local")
 
         def step(x, y):
             opt.zero_grad()
