@@ -261,24 +261,28 @@ def solve_exact(probs: list[Subproblem], comm: Reducer = LOCAL, max_iters: int =
         excess = (nb - p.tau).clamp_min(1e-300)
         lo = torch.where(act, p.tau * pm / excess, torch.zeros_like(nb))
         hi = torch.where(act, p.tau * pM / excess, torch.zeros_like(nb))
-        S.append(dict(mu=hi.clone(), lo=lo, hi=hi, bb=p.b * p.b, act=act))
+        S.append(dict(mu=hi.clone(), lo=lo, hi=hi, bb=p.b * p.b, act=act, conv_at=None))
     newton = [i for i, p in enumerate(probs) if p.tau > 0]  # τ = 0: μ = 0, Z = b/P
     delayed = comm.world_size > 1
     pending, iters = None, 0
     for iters in range(1, max_iters + 1):
+        live = [i for i in newton if S[i]["conv_at"] is None]  # identical on every rank
+        if not live:
+            break
         sums = []
-        for i in newton:
+        for i in live:
             p, s = probs[i], S[i]
             d = p.groups.add(p.P, s["mu"]).reciprocal_()  # 1/(P + μ_g)
             t = s["bb"] * d * d
             sums.append([p.groups.sum(t), p.groups.sum(t.mul_(d))])  # ‖Z‖², Σ b²/(P+μ)³
-        sums, done = _combine(comm, [probs[i] for i in newton], sums, pending)
-        if done is not None and sum(v.item() for v in done) == 0:  # every rank's groups converged
-            iters -= 1  # (at the previous iteration, as a single process would report)
-            break
-        unconverged = []
-        for i, (z2, z3) in zip(newton, sums):
+        sums, done = _combine(comm, [probs[i] for i in live], sums, pending)
+        if done is not None:  # counts of the previous iteration, complete over ranks
+            _note_converged(S, live, torch.cat(done).tolist(), iters - 1)
+        unconverged, updated = [], []
+        for i, (z2, z3) in zip(live, sums):
             p, s = probs[i], S[i]
+            if s["conv_at"] is not None:  # converged at the previous iteration: μ stays
+                continue
             act, mu = s["act"], s["mu"]
             zn = z2.clamp_min(1e-300).sqrt()
             phi = 1.0 / zn - mu / p.tau
@@ -290,9 +294,9 @@ def solve_exact(probs: list[Subproblem], comm: Reducer = LOCAL, max_iters: int =
             s["mu"] = torch.where(act, torch.where(inside, step, 0.5 * (s["lo"] + s["hi"])), mu)
             bad = act & ((mu * zn - p.tau).abs() > tol * p.tau)
             unconverged.append(_owned(p, bad.to(F64)).sum().view(1))
+            updated.append(i)
         if not delayed:
-            if not unconverged or torch.cat(unconverged).sum().item() == 0:
-                break
+            _note_converged(S, updated, torch.cat(unconverged).tolist() if unconverged else [], iters)
         else:  # counts are complete one collective later, identically on every rank
             pending = unconverged or None
     stats = []
@@ -303,8 +307,15 @@ def solve_exact(probs: list[Subproblem], comm: Reducer = LOCAL, max_iters: int =
         ones = _owned(p, torch.ones_like(s["act"], dtype=F64))
         stats.append(torch.stack([(ones * s["act"]).sum(), (ones * ~s["act"]).sum()]))
     _, stats = _combine(comm, probs, [[] for _ in probs], stats)
-    return [SolverStats(iters if p.tau > 0 else 0, round(v[0].item()), round(v[1].item()), 0.0,
-                        math.nan) for p, v in zip(probs, stats)]
+    return [SolverStats(0 if p.tau == 0 else (s["conv_at"] or max_iters), round(v[0].item()),
+                        round(v[1].item()), 0.0, math.nan) for p, s, v in zip(probs, S, stats)]
+
+
+def _note_converged(S, idx, counts, it):
+    """Record the first iteration after which a problem has no unconverged group."""
+    for i, c in zip(idx, counts):
+        if c == 0 and S[i]["conv_at"] is None:
+            S[i]["conv_at"] = it
 
 
 # ----------------------------------------------------------------------------- closed forms

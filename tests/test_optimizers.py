@@ -321,3 +321,30 @@ def test_channels_last_and_float64_parameters_match_the_plain_layout(name):
     w64.grad = torch.randn_like(w64)
     opt.step()
     assert all(v.dtype == torch.float64 for v in opt.state[w64].values() if v.numel() > 1)
+
+
+@pytest.mark.parametrize("name", ["RAMDA", "ProxGen"])
+def test_bf16_parameters_keep_fp32_state_through_a_state_dict_round_trip(name, tmp_path):
+    torch.manual_seed(6)
+    m1 = nn.Linear(6, 4).to(torch.bfloat16)
+    o1 = OPTIMIZERS[name](build_param_groups(m1, "group_lasso", lam=1e-3))
+    x = torch.randn(8, 6, dtype=torch.bfloat16)
+    for _ in range(3):
+        o1.zero_grad()
+        m1(x).float().square().mean().backward()
+        o1.step()
+    torch.save({"m": m1.state_dict(), "o": o1.state_dict()}, tmp_path / "c.pt")
+    m2 = nn.Linear(6, 4).to(torch.bfloat16)
+    o2 = OPTIMIZERS[name](build_param_groups(m2, "group_lasso", lam=1e-3))
+    ck = torch.load(tmp_path / "c.pt", weights_only=True)
+    m2.load_state_dict(ck["m"])
+    o2.load_state_dict(ck["o"])
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        for k, v in o1.state[p1].items():
+            assert o2.state[p2][k].dtype == v.dtype and torch.equal(o2.state[p2][k], v), k
+    assert any(v.dtype == torch.float32 and v.dim() for v in o2.state[m2.weight].values())
+    for m, o in ((m1, o1), (m2, o2)):
+        o.zero_grad()
+        m(x).float().square().mean().backward()
+        o.step()
+    assert torch.equal(m1.weight, m2.weight)

@@ -6,6 +6,7 @@ optimizer state, solver statistics, collective counts, and a save/continue vs lo
 trip through the backend's own checkpoint. The reference is the plain 1-process optimizer.
 """
 
+import functools
 import os
 import socket
 import subprocess
@@ -21,7 +22,7 @@ from common import OPTIMIZERS, make_model, reference  # noqa: E402
 from ramda_ds.groups import layout_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-BACKENDS = ["ddp", "zero1", "zero2", "zero3", "fsdp2", "fsdp2_cols", "fsdp1"]
+BACKENDS = ["ddp", "zero1", "zero2", "zero3", "fsdp2", "fsdp2_cols", "fsdp2_partial", "fsdp1"]
 
 
 def free_port():
@@ -52,6 +53,30 @@ def references():
         torch.set_num_threads(threads)
 
 
+@functools.lru_cache(maxsize=None)
+def references_wgs(name):
+    """Weighted group sparsity of the 1-process run (W, and Ŵ for RAMDA), as the worker reports."""
+    from common import STEPS, batches, loss_fn, make_optimizer
+
+    from ramda_ds.metrics import weighted_group_sparsity
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model = make_model()
+    opt = make_optimizer(name, model)
+    for x, y in batches()[:STEPS]:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+    torch.set_num_threads(threads)
+    return (weighted_group_sparsity(opt),
+            weighted_group_sparsity(opt, structured=True) if name == "RAMDA" else None)
+
+
+def test_reference_sparsity_is_not_trivial():
+    assert references_wgs("ProxGen")[0] > 0 and references_wgs("RAMDA")[1] > 0
+
+
 def zero_groups(name, w):
     layout = layout_for(w.shape, "input")
     return (w.reshape(layout.rows, layout.groups, layout.inner) == 0).all(dim=2).all(dim=0)
@@ -62,8 +87,10 @@ def test_sharded_run_equals_unsharded_run(backend, tmp_path, references):
     results = run_workers(backend, tmp_path)
     for name, (ref_state, ref_stats) in references.items():
         got = results[name]
-        if backend.startswith("fsdp2"):
+        if backend in ("fsdp2", "fsdp2_cols"):
             assert set(got["sharded"]) == {"DTensor"}, "FSDP2 did not shard the parameters"
+        if backend == "fsdp2_partial":  # a replicated plain tensor next to sharded ones
+            assert {"DTensor", "Parameter"} <= set(got["sharded"])
         if backend == "fsdp1":
             assert set(got["param_dims"]) == {1}, "FSDP1 did not flatten the parameters"
         assert set(got["full"]) == set(ref_state)
@@ -80,6 +107,7 @@ def test_sharded_run_equals_unsharded_run(backend, tmp_path, references):
                         assert torch.equal(zero_groups(pname, got["full"][pname][key]),
                                            zero_groups(pname, tensors[key]))
         assert got["stats"] == ref_stats, f"{backend}/{name}: solver statistics differ"
+        assert got["wgs"] == references_wgs(name), f"{backend}/{name}: sparsity metric differs"
         for pname, tensors in got["continued"].items():  # checkpoint round trip is exact
             for key, t in tensors.items():
                 assert torch.equal(t, got["resumed"][pname][key]), (backend, name, pname, key)

@@ -49,8 +49,8 @@ class StructuredOptimizer(torch.optim.Optimizer):
         defaults = {**dict(regularizer=None, lam=0.0, grouping="input", milestones=(), gamma=0.1,
                            final_stage_ramp=True), **defaults}
         super().__init__(params, defaults)
-        self.register_load_state_dict_pre_hook(_float64_state_to_python)
-        self.register_load_state_dict_post_hook(_python_state_to_float64)
+        self.register_load_state_dict_pre_hook(_keep_state_dtypes)
+        self.register_load_state_dict_post_hook(_unwrap_state)
         self.view = view if view is not None else Unsharded()
         self.last_stats: dict[str, SolverStats] = {}
         for i, g in enumerate(self.param_groups):
@@ -122,13 +122,16 @@ class StructuredOptimizer(torch.optim.Optimizer):
         bad = bool(norms) and not bool(torch.stack(norms).isfinite().all())
         has = [g is not None for g in local]
         if self.view.comm.world_size > 1:
-            flags = torch.tensor([float(bad)] + [float(h) for h in has], dtype=torch.float64)
+            device = self.view.local(params[0].detach()).device if params else None
+            flags = torch.tensor([float(bad)] + [float(h) for h in has], dtype=torch.float64,
+                                 device=device)
             self.view.comm.max_(flags)
             bad, has = bool(flags[0]), [bool(f) for f in flags[1:]]
         if bad:
             raise FloatingPointError(
-                "non-finite gradient (NaN or Inf); the optimizer state and parameters were left "
-                "unchanged. Lower the learning rate, clip gradients or check the loss for overflow.")
+                "non-finite gradient (NaN or Inf); the parameters and optimizer state of the param "
+                "groups in this step() call were left unchanged (DeepSpeed ZeRO-1/2 steps one "
+                "group per call). Lower the learning rate, clip gradients or check the loss.")
         return {id(p) for p, h in zip(params, has) if h}
 
     # ------------------------------------------------------------------ restart schedule
@@ -219,10 +222,12 @@ class StructuredOptimizer(torch.optim.Optimizer):
         # tensors none of whose groups crosses ranks may be solved with no communication at all
         # (view.local_solve): each rank then stops on its own groups, so the result matches the
         # unsharded run within the solver's tolerance instead of bitwise, and stats are per rank.
+        # Replicated tensors are always solved locally (identically on every rank).
         local = getattr(self.view, "local_solve", False)
         split = {True: [], False: []}
-        for it in items:
-            split[bool(local and it[0].span is not None and it[0].span.count == 0)].append(it)
+        for seg, prob in items:
+            alone = seg.replicated or (local and seg.span is not None and seg.span.count == 0)
+            split[alone].append((seg, prob))
         for is_local, part in split.items():
             if part:
                 self._solve_batch(group, part, LOCAL if is_local else self.view.comm, stage_step)
@@ -263,22 +268,29 @@ class StructuredOptimizer(torch.optim.Optimizer):
                 x.copy_(singular_value_threshold(x.view(seg.shape), tau).view(-1))
 
 
-#: 0-d float64 state that torch's load_state_dict would otherwise cast to the param dtype
-FLOAT64_SCALARS = ("alpha",)
+class _Kept:
+    """Hides a state tensor from torch's load_state_dict, which casts floating-point state to the
+    parameter's dtype (fp32 V/U/W0 of a bf16 parameter would come back as bf16, float64 α as fp32)."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor):
+        self.tensor = tensor
 
 
-def _float64_state_to_python(optimizer, state_dict):
-    """Copy of ``state_dict`` with those scalars as Python floats (the caller's dict is untouched)."""
-    state = {pid: {k: (v.item() if k in FLOAT64_SCALARS and torch.is_tensor(v) else v)
-                   for k, v in st.items()} for pid, st in state_dict["state"].items()}
+def _keep_state_dtypes(optimizer, state_dict):
+    """Copy of ``state_dict`` with state tensors wrapped (the caller's dict is untouched)."""
+    state = {pid: {k: (_Kept(v) if torch.is_tensor(v) else v) for k, v in st.items()}
+             for pid, st in state_dict["state"].items()}
     return {**state_dict, "state": state}
 
 
-def _python_state_to_float64(optimizer):
-    for st in optimizer.state.values():
-        for k in FLOAT64_SCALARS:
-            if isinstance(st.get(k), float):
-                st[k] = torch.tensor(st[k], dtype=torch.float64)
+def _unwrap_state(optimizer):
+    """Unwrap, keeping the saved dtype and moving to the parameter's device only."""
+    for p, st in optimizer.state.items():
+        for k, v in st.items():
+            if isinstance(v, _Kept):
+                st[k] = v.tensor.to(device=p.device) if k != "step" else v.tensor
 
 
 def group_tau(group: dict, seg: Segment, scale: float) -> float:

@@ -55,6 +55,13 @@ def _view_for(model, opt, process_group):
         if stage == 0:
             return Unsharded()
         zero = model.optimizer
+        if not hasattr(zero, "single_partition_of_fp32_groups") and stage in (1, 2):
+            raise NotImplementedError(
+                f"DeepSpeed wrapped the optimizer in {type(zero).__name__} (bf16 with fp32 "
+                "gradient accumulation); ramda_ds supports DeepSpeedZeroOptimizer for ZeRO-1/2")
+        if getattr(zero, "round_robin_gradients", False):
+            raise NotImplementedError("ZeRO-1/2 with round_robin_gradients reorders the flat "
+                                      "partitions; set \"round_robin_gradients\": false")
         comm = ProcessGroupReducer(process_group or getattr(zero, "dp_process_group", None))
         if stage in (1, 2):
             return ZeroFlatView(zero, comm, names)
@@ -68,9 +75,12 @@ def _view_for(model, opt, process_group):
         from .fsdp import FSDP2View
 
         mesh_group = process_group
-        if mesh_group is None:
+        if mesh_group is None:  # the mesh dimension that shards (HSDP: not the replicate one)
+            from torch.distributed.tensor import Shard
+
             p = next(p for p in model.parameters() if isinstance(p, DTensor))
-            mesh_group = p.device_mesh.get_group()
+            dims = [i for i, pl in enumerate(p.placements) if isinstance(pl, Shard)] or [0]
+            mesh_group = p.device_mesh.get_group(mesh_dim=dims[-1])
         return FSDP2View(ProcessGroupReducer(mesh_group), names)
     from torch.distributed.fsdp import FullyShardedDataParallel
 

@@ -22,6 +22,7 @@ class Segment:
     groups: SegmentGroups | None  # group structure of the range, None if unregularized
     span: Span | None = None  # groups crossing shards (None: all groups whole on this rank)
     column_block: tuple | None = None  # (R, first group, groups, K): a column block, not a range
+    replicated: bool = False  # every rank holds this whole tensor: solve it locally, identically
 
     @property
     def numel(self) -> int:
@@ -46,10 +47,12 @@ def make_segment(name, shape, lo, hi, start, group, local_shape=None, group_offs
     layout = layout_of(group, shape, name)
     groups = block = None
     if local_shape is not None:
-        ncols = (hi - lo) // (layout.rows * layout.inner)
-        block = (layout.rows, group_offset, ncols, layout.inner)
-        groups = SegmentGroups(GroupLayout(layout.rows, ncols, layout.inner),
-                               group_offset=group_offset, weight_layout=layout)
+        cols = layout or layout_for(shape, "input", name)  # unregularized: for gathering only
+        ncols = (hi - lo) // (cols.rows * cols.inner)
+        block = (cols.rows, group_offset, ncols, cols.inner)
+        if layout is not None:
+            groups = SegmentGroups(GroupLayout(layout.rows, ncols, layout.inner),
+                                   group_offset=group_offset, weight_layout=layout)
     elif layout is not None:
         groups = SegmentGroups(layout, start, start + hi - lo)
     return Segment(name, tuple(shape), lo, hi, start, groups, column_block=block)
@@ -106,7 +109,7 @@ class ShardedView(Unsharded):
         key = id(p)
         if key not in self._cache:
             segs = [make_segment(group=group, **d) for d in self.describe(p, group)]
-            attach_spans(segs, self.comm)
+            attach_spans(segs, self.comm, self.local(p.detach()).device)
             self._cache[key] = segs
         return self._cache[key]
 
@@ -114,25 +117,40 @@ class ShardedView(Unsharded):
         return self.names.get(id(p), f"<unnamed {tuple(p.shape)}>")
 
 
-def attach_spans(segs: list[Segment], comm) -> None:
+def attach_spans(segs: list[Segment], comm, device=None) -> None:
     """Mark the groups of each segment that other ranks also touch (one all-gather, once).
 
     Rank r touches groups ``[lo_r, lo_r + n_r)`` of a parameter.  Groups touched by ≥ 2 ranks are
     *spanning*: they get consecutive slots in the per-parameter reduction block, identical on every
-    rank; each is *owned* (objective, counts) by the lowest rank touching it.
+    rank; each is *owned* (objective, counts) by the lowest rank touching it.  A tensor that every
+    rank holds whole (replicated: DDP-like parts of a model) needs no reduction and gets no span;
+    partial overlaps (e.g. HSDP over the world group) are refused.
     """
     import torch.distributed as dist
 
-    mine = [(s.groups.group_lo, s.groups.num_groups) if s.groups is not None else None for s in segs]
+    mine = [((s.groups.group_lo, s.groups.num_groups) if s.groups is not None else None,
+             (s.start, s.numel, s.column_block)) for s in segs]
     every: list = [None] * comm.world_size
     dist.all_gather_object(every, mine, group=getattr(comm, "group", None))
     me = dist.get_rank(getattr(comm, "group", None))
+    if len({len(r) for r in every}) != 1:
+        raise RuntimeError("ranks disagree on the parameters of one optimizer tensor")
     for j, seg in enumerate(segs):
-        ivals = [r[j] for r in every]
-        if len({type(v) for v in ivals}) != 1 or len({len(r) for r in every}) != 1:
-            raise RuntimeError(f"ranks disagree on the parameters of one optimizer tensor ({seg.name})")
+        ivals = [r[j][0] for r in every]
+        elems = [r[j][1] for r in every]
+        if len({type(v) for v in ivals}) != 1:
+            raise RuntimeError(f"ranks disagree on the group structure of {seg.name}")
         if seg.groups is None:
             continue
+        if len(set(elems)) == 1 and elems[0][1] > 0 and len(elems) > 1:
+            seg.replicated = True  # every rank holds the same elements, computes the same result
+            continue
+        if seg.column_block is None:
+            spans = sorted((a, a + n) for a, n, _ in elems if n)
+            if any(b0 < a1 for (_, a1), (b0, _) in zip(spans, spans[1:])):
+                raise ValueError(f"{seg.name}: ranks hold overlapping parts of the tensor; pass the "
+                                 "process group that shards it (e.g. the shard dim of an HSDP "
+                                 "mesh) to attach()")
         hi = max(a + n for a, n in ivals)
         count = torch.zeros(hi, dtype=torch.int32)
         first = torch.full((hi,), len(ivals), dtype=torch.int32)
@@ -143,6 +161,6 @@ def attach_spans(segs: list[Segment], comm) -> None:
         slot = torch.cumsum(spanning.to(torch.int64), 0) - 1
         a, n = ivals[me]
         local_span = spanning[a:a + n]
-        local_idx = local_span.nonzero().view(-1)
-        seg.span = Span(local_idx=local_idx, global_pos=slot[a:a + n][local_span],
-                        count=int(spanning.sum()), owned=first[a:a + n] == me)
+        seg.span = Span(local_idx=local_span.nonzero().view(-1).to(device),
+                        global_pos=slot[a:a + n][local_span].to(device),
+                        count=int(spanning.sum()), owned=(first[a:a + n] == me).to(device))

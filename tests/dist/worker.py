@@ -59,9 +59,13 @@ def build(name):
         from ramda_ds.sharding.fsdp import shard_columns
 
         kw = dict(shard_placement_fn=shard_columns()) if "cols" in BACKEND else {}
-        for m in (model.conv, model.fc1, model.head):
-            fully_shard(m, **kw)
-        fully_shard(model, **kw)
+        if BACKEND == "fsdp2_partial":  # head stays a plain tensor, replicated on both ranks
+            fully_shard(model.conv)
+            fully_shard(model.fc1)
+        else:
+            for m in (model.conv, model.fc1, model.head):
+                fully_shard(m, **kw)
+            fully_shard(model, **kw)
         opt = make_optimizer(name, model)
         attach(opt, model, local_solve=BACKEND == "fsdp2_cols_local")
 
@@ -148,6 +152,8 @@ def main():
     ckpt_dir = os.path.join(os.path.dirname(OUT), f"ckpt_{BACKEND}")
     for name in OPTIMIZERS:
         step, opt, save, load = build(name)
+        from ramda_ds.metrics import weighted_group_sparsity
+
         comm = opt.view.comm
         for x, y in data[:STEPS - 1]:
             step(x, y)
@@ -157,6 +163,8 @@ def main():
                          bytes=getattr(comm, "bytes", 0) - bytes0,
                          max_iterations=max((s.iterations for s in opt.last_stats.values()), default=0))
         full = gather_full_state(opt)
+        wgs = (weighted_group_sparsity(opt),
+               weighted_group_sparsity(opt, structured=True) if "RAMDA" == name else None)
         stats = {k: (v.iterations, v.active_groups, v.screened_groups)
                  for k, v in opt.last_stats.items()}
         d = f"{ckpt_dir}_{name}"
@@ -171,7 +179,7 @@ def main():
         for x, y in data[STEPS:]:
             step2(x, y)
         resumed = gather_full_state(opt2)
-        results[name] = dict(full=full, stats=stats, continued=continued, resumed=resumed,
+        results[name] = dict(full=full, stats=stats, wgs=wgs, continued=continued, resumed=resumed,
                              collectives_per_step=per_step, last_step=last_step,
                              sharded=[type(p).__name__ for g in opt.param_groups for p in g["params"]],
                              param_dims=[p.dim() for g in opt.param_groups for p in g["params"]])
