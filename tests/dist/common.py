@@ -56,7 +56,9 @@ def loss_fn(out, y):
 
 
 def reference(name, steps=STEPS):
-    """The 1-process run: params and optimizer state by parameter name."""
+    """The 1-process run: params and optimizer state by parameter name, solver stats, and the
+    weighted group sparsity (of W, and of Ŵ for RAMDA) — what the workers report."""
+    from ramda_ds.metrics import weighted_group_sparsity
     from ramda_ds.sharding.gather import gather_full_state
 
     model = make_model()
@@ -65,5 +67,7 @@ def reference(name, steps=STEPS):
         opt.zero_grad()
         loss_fn(model(x), y).backward()
         opt.step()
-    return gather_full_state(opt), {k: (v.iterations, v.active_groups, v.screened_groups)
-                                    for k, v in opt.last_stats.items()}
+    stats = {k: (v.iterations, v.active_groups, v.screened_groups) for k, v in opt.last_stats.items()}
+    wgs = (weighted_group_sparsity(opt),
+           weighted_group_sparsity(opt, structured=True) if name == "RAMDA" else None)
+    return gather_full_state(opt), stats, wgs
