@@ -34,8 +34,14 @@ class Net(nn.Module):
 
 
 def make_model():
+    """The test model; starts from the weights in $RAMDA_TEST_INIT when set (resharding tests)."""
+    import os
+
     torch.manual_seed(0)
-    return Net()
+    net = Net()
+    if os.environ.get("RAMDA_TEST_INIT"):
+        net.load_state_dict(torch.load(os.environ["RAMDA_TEST_INIT"], weights_only=True))
+    return net
 
 
 def param_groups(model):
