@@ -1,0 +1,3 @@
+from .transformer_xl import TransfoXLConfig, TransfoXLLM
+
+__all__ = ["TransfoXLConfig", "TransfoXLLM"]
