@@ -124,6 +124,15 @@ class TransfoXLLM(nn.Module):
         self.drop = nn.Dropout(c.dropout)
         inv = 1.0 / (10000 ** (torch.arange(0, c.d_model, 2.0) / c.d_model))
         self.register_buffer("inv_freq", inv, persistent=False)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m):
+        """Normal(0, 0.02) weights, zero biases (the reference implementation's init_std)."""
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
     def init_mems(self, batch: int):
         return None

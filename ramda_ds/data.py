@@ -1,0 +1,84 @@
+"""Language-model data: local text through HF ``datasets``, a SentencePiece tokenizer, and the
+batched token streams Transformer-XL trains on (no download at run time).
+
+The default corpus is the English documentation text that ships with Python
+(``pydoc_data.topics``, ~65k words), written once to a local file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+
+def default_corpus(cache_dir) -> list[str]:
+    """Python's bundled pydoc topics as train/valid text files (95% / 5% of the topics)."""
+    import pydoc_data.topics as topics
+
+    cache = Path(cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    train, valid = cache / "pydoc_train.txt", cache / "pydoc_valid.txt"
+    if not (train.exists() and valid.exists()):
+        docs = [topics.topics[k] for k in sorted(topics.topics)]
+        cut = len(docs) * 19 // 20
+        train.write_text("\n".join(docs[:cut]))
+        valid.write_text("\n".join(docs[cut:]))
+    return [str(train), str(valid)]
+
+
+def load_lines(path: str):
+    """A local text/json/parquet file as a ``datasets`` Dataset with a ``text`` column."""
+    import datasets
+
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    if not Path(path).exists():
+        raise FileNotFoundError(f"data file not found: {path}")
+    kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(Path(path).suffix, "text")
+    ds = datasets.load_dataset(kind, data_files=path, split="train")
+    if "text" not in ds.column_names:
+        raise ValueError(f"{path} has no 'text' column (columns: {ds.column_names})")
+    return ds
+
+
+def train_tokenizer(text_file: str, prefix: str, vocab_size: int) -> str:
+    """Train a SentencePiece unigram model on ``text_file``; returns the .model path."""
+    import sentencepiece as spm
+
+    model = f"{prefix}.model"
+    if not Path(model).exists():
+        Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+        spm.SentencePieceTrainer.train(input=text_file, model_prefix=prefix, vocab_size=vocab_size,
+                                       character_coverage=1.0, model_type="unigram",
+                                       minloglevel=2, hard_vocab_limit=False)
+    return model
+
+
+def encode(dataset, tokenizer_model: str) -> torch.Tensor:
+    """All lines of ``dataset`` as one stream of token ids, an end-of-line id after each line."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=tokenizer_model)
+    eos = sp.eos_id() if sp.eos_id() >= 0 else 0
+    ids = []
+    for piece in sp.encode(list(dataset["text"])):
+        ids.extend(piece)
+        ids.append(eos)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def lm_streams(tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``[batch_size, T]``: the stream cut into batch_size contiguous rows (Transformer-XL style)."""
+    n = tokens.numel() // batch_size
+    if n < 2:
+        raise ValueError(f"{tokens.numel()} tokens are too few for batch size {batch_size}")
+    return tokens[: n * batch_size].view(batch_size, n)
+
+
+def segments(streams: torch.Tensor, tgt_len: int):
+    """(input, target) pairs of consecutive segments of ``tgt_len`` tokens."""
+    T = streams.shape[1]
+    for t in range(0, T - 1, tgt_len):
+        L = min(tgt_len, T - 1 - t)
+        yield streams[:, t:t + L], streams[:, t + 1:t + 1 + L]
