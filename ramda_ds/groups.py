@@ -132,7 +132,8 @@ class SegmentGroups:
         return out
 
     def amax(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-group maxima (``-inf`` for groups with no local element never occurs here)."""
+        """Per-group maxima; ``-inf`` for a group in the local range without a local element
+        (a segment wrapping a row boundary), which the max-all-reduce then replaces."""
         out = torch.full((self.num_groups,), -math.inf, dtype=x.dtype, device=x.device)
         for p, v in self._views(x):
             seg = out[p.col:p.col + p.ncols]

@@ -23,7 +23,7 @@ groups that span shards are combined by one ``comm.sum_`` per iteration; unshard
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -90,7 +90,6 @@ def _combine(comm: Reducer, probs, vecs, scalars=None, op="sum"):
             block[k, p.span.global_pos] = v[p.span.local_idx].to(F64)
         parts.append(block.view(-1))
         layout.append(i)
-    nscal = 0 if scalars is None else sum(s.numel() for s in scalars)
     if scalars is not None:
         parts.extend(s.to(F64) for s in scalars)
     if not parts:
@@ -110,7 +109,6 @@ def _combine(comm: Reducer, probs, vecs, scalars=None, op="sum"):
             out.append(buf[off:off + s.numel()].view_as(s))
             off += s.numel()
         scalars = out
-    assert off == buf.numel() or scalars is None and nscal == 0
     return vecs, scalars
 
 

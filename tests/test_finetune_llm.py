@@ -1,7 +1,6 @@
 """Fine-tuning path: a tiny randomly initialised Llama saved with save_pretrained, loaded from disk."""
 
 import json
-import subprocess
 import sys
 
 import torch

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
-from common import OPTIMIZERS, make_model, reference  # noqa: E402
+from common import OPTIMIZERS, reference  # noqa: E402
 
 from ramda_ds.groups import layout_for  # noqa: E402
 

@@ -1,6 +1,5 @@
 """The subproblem solvers against the optimality conditions of the subproblem."""
 
-import math
 
 import pytest
 import torch

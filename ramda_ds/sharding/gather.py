@@ -12,19 +12,17 @@ def _local_fragments(optimizer):
     view = optimizer.view
     frags = []
     for p, group, k in view.handed(optimizer):
-        if True:
-            local = view.local(p.detach())
-            flat = local.reshape(-1)
-            st = optimizer.state.get(p, {})
-            tensors = {"param": flat}
-            for key, v in st.items():
-                if torch.is_tensor(v) and v.dim():
-                    tensors[key] = view.local(v).reshape(-1)
-            for seg in view.segments(p, group, k):
-                if seg.numel == 0:
-                    continue
-                frags.append((seg.name, seg.shape, seg.start, seg.column_block,
-                              {key: t[seg.lo:seg.hi].detach().cpu().clone() for key, t in tensors.items()}))
+        flat = view.local(p.detach()).reshape(-1)
+        st = optimizer.state.get(p, {})
+        tensors = {"param": flat}
+        for key, v in st.items():
+            if torch.is_tensor(v) and v.dim():
+                tensors[key] = view.local(v).reshape(-1)
+        for seg in view.segments(p, group, k):
+            if seg.numel == 0:
+                continue
+            frags.append((seg.name, seg.shape, seg.start, seg.column_block,
+                          {key: t[seg.lo:seg.hi].detach().cpu().clone() for key, t in tensors.items()}))
     return frags
 
 
