@@ -100,7 +100,7 @@ def main(argv=None):
     model = AutoModelForCausalLM.from_pretrained(a.model_path)
     vocab = model.config.vocab_size
     train_file = a.train_file or data.default_corpus(out / "data")[0]
-    with acc.main_process_first():
+    with acc.local_main_process_first():
         tok = data.train_tokenizer(train_file, str(out / "data" / f"sp{min(vocab, 2000)}"),
                                    min(vocab, 2000))
     ids = data.encode(data.load_lines(train_file), tok) % vocab

@@ -117,11 +117,11 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
     train_file, valid_file = a.train_file, a.valid_file
     if not train_file:
-        with acc.main_process_first():
+        with acc.local_main_process_first():
             train_file, valid_file = data.default_corpus(out / "data")
     tok = a.tokenizer
     if not tok:
-        with acc.main_process_first():
+        with acc.local_main_process_first():
             tok = data.train_tokenizer(train_file, str(out / "data" / f"sp{a.vocab_size}"), a.vocab_size)
     train = data.encode(data.load_lines(train_file), tok)
     valid = data.encode(data.load_lines(valid_file or train_file), tok)

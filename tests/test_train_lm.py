@@ -65,3 +65,33 @@ def test_fsdp2_two_processes_really_shard(tmp_path):
     assert p.returncode == 0, p.stderr[-4000:]
     setup = rows(out)[0]
     assert setup["view"] == "FSDP2View" and setup["dtensor_params"] > 0 and setup["world_size"] == 2
+
+
+def test_two_machines_simulated_on_loopback_with_the_zero2_config(tmp_path):
+    """Two launcher invocations (machine_rank 0 and 1, one process each) form one 2-rank job."""
+    out, port = tmp_path / "o", str(free_port())
+    procs = []
+    for rank in ("0", "1"):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "configs" / "accelerate" / "zero2.yaml"), "--num_machines", "2",
+               "--machine_rank", rank, "--main_process_ip", "127.0.0.1", "--main_process_port",
+               port, "--num_processes", "2", "--deepspeed_multinode_launcher", "standard", SCRIPT,
+               *FAST, "--output_dir", str(out)]
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))
+        procs.append(subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (so, se) in zip(procs, results):
+        assert p.returncode == 0, se[-4000:]
+    setup = rows(out)[0]
+    assert setup["world_size"] == 2 and setup["distributed_type"] == "DEEPSPEED"
+
+
+def test_run_presets_parse(tmp_path):
+    sys.path.insert(0, str(ROOT / "launch"))
+    import train_lm
+
+    tiny = train_lm.parse_args([str(ROOT / "configs" / "runs" / "tiny.yaml")])
+    assert tiny.steps == 600 and tiny.lam == 1e-5
+    with pytest.raises(SystemExit, match="file not found"):  # WikiText-103 is not shipped
+        train_lm.parse_args([str(ROOT / "configs" / "runs" / "transformer_xl_wt103.yaml")])
