@@ -53,6 +53,7 @@ class StructuredOptimizer(torch.optim.Optimizer):
         self.register_load_state_dict_post_hook(_unwrap_state)
         self.view = view if view is not None else Unsharded()
         self.last_stats: dict[str, SolverStats] = {}
+        self._writeback: list = []  # (local param, flat copy) of non-contiguous params this group
         for i, g in enumerate(self.param_groups):
             self._validate_group(g, i)
 
@@ -102,11 +103,11 @@ class StructuredOptimizer(torch.optim.Optimizer):
             if group["lr"] == 0:  # the probing step of DCP / accelerate: create state, change nothing
                 for _, p, w, g in self._params(group, present):
                     self._state(p, w, g)
-                continue
-            self._writeback = []
-            self._update_group(group, present)
-            for p, w in self._writeback:
-                p.detach().copy_(w.view(p.shape))
+            else:
+                self._update_group(group, present)
+                for p, w in self._writeback:
+                    p.detach().copy_(w.view(p.shape))
+            self._writeback.clear()
         return loss
 
     def _agree_on_gradients(self) -> set[int]:
@@ -178,7 +179,7 @@ class StructuredOptimizer(torch.optim.Optimizer):
                 continue
             lp = self.view.local(p.detach())
             w = lp.view(-1) if lp.is_contiguous() else lp.reshape(-1)
-            if not lp.is_contiguous() and hasattr(self, "_writeback"):
+            if not lp.is_contiguous():
                 self._writeback.append((lp, w))
             dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
             if p.grad is None:
@@ -286,11 +287,12 @@ def _keep_state_dtypes(optimizer, state_dict):
 
 
 def _unwrap_state(optimizer):
-    """Unwrap, keeping the saved dtype and moving to the parameter's device only."""
+    """Unwrap, keeping the saved dtype; per-element state moves to the parameter's device, 0-d
+    counters (step, α) stay on the CPU where they are created (reading them needs no sync)."""
     for p, st in optimizer.state.items():
         for k, v in st.items():
             if isinstance(v, _Kept):
-                st[k] = v.tensor.to(device=p.device) if k != "step" else v.tensor
+                st[k] = v.tensor.to(device=p.device) if v.tensor.dim() else v.tensor
 
 
 def group_tau(group: dict, seg: Segment, scale: float) -> float:

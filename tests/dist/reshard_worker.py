@@ -26,13 +26,7 @@ NAMES = ("RAMDA", "ProxGen")
 def main():
     backend, mode, ckpt, out = sys.argv[1:5]
     worker.BACKEND = backend
-    if backend.startswith("zero"):
-        worker.no_shm_build()
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend="gloo")
-    else:
-        dist.init_process_group("gloo")
+    worker.init_distributed(backend)
     data, results = batches(), {}
     for name in NAMES:
         d = os.path.join(ckpt, name)

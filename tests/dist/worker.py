@@ -139,14 +139,19 @@ def build(name):
     raise SystemExit(f"unknown backend {BACKEND}")
 
 
-def main():
-    if BACKEND.startswith("zero"):
+def init_distributed(backend):
+    """gloo process group; DeepSpeed's own initialisation (without its shm op build) for ZeRO."""
+    if backend.startswith("zero"):
         no_shm_build()
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
     else:
         dist.init_process_group("gloo")
+
+
+def main():
+    init_distributed(BACKEND)
     data = batches()
     results = {}
     ckpt_dir = os.path.join(os.path.dirname(OUT), f"ckpt_{BACKEND}")
