@@ -1,13 +1,15 @@
 """World-size independent optimizer state: every rank writes its own slices, any layout reads them.
 
 DeepSpeed's universal checkpoint only knows Adam's state names, so ramda_ds stores its state by
-*original parameter*: each rank writes ``rank{r}.safetensors`` holding, for every local segment, the
-slice ``[start, start + n)`` (or column block) of each per-element state tensor of that parameter
-(V, U, W0, ...) plus the per-tensor scalars (step, α). Loading under any view — 1 process, DDP,
-ZeRO-1/2/3, FSDP2/FSDP1 at any world size — reassembles each needed parameter from the fragments
-and copies this rank's slice into its state. Files are written to ``*.tmp`` and renamed; rank 0
-writes ``COMPLETE`` after a barrier, and loading refuses a directory without it. No pickle:
-safetensors plus JSON metadata.
+*original parameter*: each rank writes one safetensors file holding, for every local segment, the
+slice ``[start, start + n)`` (or column block) of the master weight (``param``) and of each
+per-element state tensor of that parameter (V, U, W0, ...), plus the per-tensor scalars (step, α).
+Loading under any view — 1 process, DDP, ZeRO-1/2/3, FSDP2/FSDP1 at any world size — reassembles
+each needed parameter from the fragments and copies this rank's slice into its state and weights.
+
+Loading is two-phase: everything is read and checked (names, shapes, state keys, coverage) before
+the first tensor is written, so a bad checkpoint raises and leaves the optimizer untouched.
+No pickle: safetensors plus JSON metadata.
 """
 
 from __future__ import annotations
@@ -18,9 +20,14 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 MARKER = "COMPLETE"
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not fit this model/optimizer, or is incomplete or corrupt."""
 
 
 def _dist():
@@ -29,40 +36,198 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
-def _fragments(optimizer):
-    """(segment, state dict of flat local tensors) for every local segment with elements."""
+def _local_tensors(optimizer, p):
     view = optimizer.view
-    for p, group, k in view.handed(optimizer):
-        st = optimizer.state.get(p)
-        if not st:
-            continue
-        local = {key: (view.local(v).reshape(-1) if torch.is_tensor(v) and v.dim() else v)
-                 for key, v in st.items()}
+    out = {"param": view.local(p.detach()).reshape(-1)}
+    for key, v in optimizer.state.get(p, {}).items():
+        if torch.is_tensor(v):
+            out[key] = view.local(v).reshape(-1) if v.dim() else v
+    return out
+
+
+def write_shard(optimizer, file: Path, writer: bool = True) -> None:
+    """Write this rank's fragments (master weights and state) to ``file`` via ``*.tmp`` + rename.
+
+    ``writer=False`` writes an empty shard: used for the replicas of an unsharded (DDP) run, where
+    rank 0's file already holds everything.
+    """
+    tensors, meta = {}, []
+    view = optimizer.view
+    for p, group, k in (view.handed(optimizer) if writer else ()):
+        local = _local_tensors(optimizer, p)
         for seg in view.segments(p, group, k):
-            if seg.numel:
-                yield seg, local
+            if not seg.numel:
+                continue
+            i = len(meta)
+            entry = dict(name=seg.name, shape=list(seg.shape), start=seg.start, numel=seg.numel,
+                         block=list(seg.column_block) if seg.column_block else None, keys=[],
+                         scalars={})
+            for key, v in local.items():
+                if v.dim():
+                    tensors[f"{i}/{key}"] = v[seg.lo:seg.hi].detach().cpu().contiguous()
+                    entry["keys"].append(key)
+                else:
+                    entry["scalars"][key] = [v.item(), str(v.dtype).removeprefix("torch.")]
+            meta.append(entry)
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.with_name(file.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"fragments": json.dumps(meta)})
+    os.replace(tmp, file)
+
+
+class Fragments:
+    """Index of the fragments in shard files, from their metadata; tensors are read on demand and
+    only the ranges a rank needs (a 7B checkpoint is not loaded whole into every rank)."""
+
+    def __init__(self, files):
+        self.handles, self.by_name = {}, {}
+        for f in map(str, files):
+            if not Path(f).exists():
+                raise CheckpointError(f"{f} is missing from the checkpoint")
+            try:
+                h = safe_open(f, "pt")
+                meta = json.loads(h.metadata()["fragments"])
+            except Exception as e:  # truncated or corrupt file: safetensors/json errors
+                raise CheckpointError(f"cannot read {f}: {e}") from e
+            self.handles[f] = h
+            for i, entry in enumerate(meta):
+                self.by_name.setdefault(entry["name"], []).append((entry, f, i))
+
+    def read(self, f, i, key, a=None, b=None) -> torch.Tensor:
+        try:
+            if a is None:
+                return self.handles[f].get_tensor(f"{i}/{key}")
+            return self.handles[f].get_slice(f"{i}/{key}")[a:b]
+        except Exception as e:
+            raise CheckpointError(f"cannot read {key!r} of fragment {i} in {f}: {e}") from e
+
+    def keys(self, name) -> set[str]:
+        return {k for entry, _, _ in self.by_name[name] for k in entry["keys"]}
+
+    def whole(self, name, key) -> torch.Tensor:
+        """The whole flat tensor ``key`` of parameter ``name`` (every element covered)."""
+        pieces = self.by_name[name]
+        for entry, _, _ in pieces:
+            if key not in entry["keys"]:
+                raise CheckpointError(f"checkpoint state of {name} has no {key!r} "
+                                      "(written by another optimizer?)")
+        numel = math.prod(pieces[0][0]["shape"])
+        full, covered = None, torch.zeros(numel, dtype=torch.bool)
+        for entry, f, i in pieces:
+            t = self.read(f, i, key)
+            full = torch.zeros(numel, dtype=t.dtype) if full is None else full
+            if entry["block"] is None:
+                full[entry["start"]:entry["start"] + entry["numel"]] = t
+                covered[entry["start"]:entry["start"] + entry["numel"]] = True
+            else:  # a column block [:, c0:c0+n, :] (FSDP2 Shard(1))
+                R, c0, n, K = entry["block"]
+                full.view(R, -1, K)[:, c0:c0 + n, :] = t.view(R, n, K)
+                covered.view(R, -1, K)[:, c0:c0 + n, :] = True
+        _check_covered(covered, name, key)
+        return full
+
+    def segment(self, seg, key) -> torch.Tensor:
+        """The flat values of ``key`` on segment ``seg``: a range read from the overlapping
+        fragments, or a column block cut from the whole tensor."""
+        pieces = self.by_name[seg.name]
+        if seg.column_block is not None or any(e["block"] is not None for e, _, _ in pieces):
+            full = self.whole(seg.name, key)
+            if seg.column_block is None:
+                return full[seg.start:seg.start + seg.numel]
+            R, c0, n, K = seg.column_block
+            return full.view(R, -1, K)[:, c0:c0 + n, :].reshape(-1)
+        lo, hi = seg.start, seg.start + seg.numel
+        out, covered = None, torch.zeros(hi - lo, dtype=torch.bool)
+        for entry, f, i in pieces:
+            a, b = max(lo, entry["start"]), min(hi, entry["start"] + entry["numel"])
+            if a < b:
+                t = self.read(f, i, key, a - entry["start"], b - entry["start"])
+                out = torch.empty(hi - lo, dtype=t.dtype) if out is None else out
+                out[a - lo:b - lo] = t
+                covered[a - lo:b - lo] = True
+        _check_covered(covered, seg.name, key)
+        return out
+
+
+def _check_covered(covered, name, key):
+    if not bool(covered.all()):
+        raise CheckpointError(f"checkpoint covers {int(covered.sum())} of {covered.numel()} "
+                              f"needed elements of {key} of {name}")
+
+
+def full_state(files) -> dict[str, dict[str, torch.Tensor]]:
+    """Every parameter's whole tensors ``{name: {"param": W, "grad_sum": V, ...}}`` (export, tests)."""
+    frags, out = Fragments(files), {}
+    for name, pieces in frags.by_name.items():
+        shape = pieces[0][0]["shape"]
+        out[name] = {k: frags.whole(name, k).view(shape) for k in sorted(frags.keys(name))}
+        for key, (value, dtype) in pieces[0][0]["scalars"].items():
+            out[name][key] = torch.tensor(value, dtype=getattr(torch, dtype))
+    return out
+
+
+def state_keys(optimizer) -> set[str]:
+    """The per-element state keys this optimizer creates (from an empty dry run), plus ``param``."""
+    e = torch.zeros(0)
+    return {"param"} | {k for k, v in optimizer._init_state(e, e).items() if v.dim()}
+
+
+def plan_load(optimizer, files):
+    """Read and check what this rank needs; return ``apply()`` that copies it in.
+
+    Checks: every local parameter is in the checkpoint with the same shape and the same state
+    keys, and every needed element is covered. Nothing is modified before ``apply()``.
+    """
+    frags = Fragments(files)
+    keys = state_keys(optimizer)
+    view, copies = optimizer.view, []
+    for p, group, k in view.handed(optimizer):
+        for seg in view.segments(p, group, k):
+            if not seg.numel:
+                continue
+            pieces = frags.by_name.get(seg.name)
+            if not pieces:
+                raise CheckpointError(f"checkpoint has no state for parameter {seg.name} "
+                                      "(a different model?)")
+            if list(seg.shape) != pieces[0][0]["shape"]:
+                raise CheckpointError(f"{seg.name}: checkpoint shape {pieces[0][0]['shape']} != "
+                                      f"model shape {list(seg.shape)}")
+            saved = frags.keys(seg.name)
+            optional = {"structured"} & saved if group.get("keep_structured") else set()
+            if saved - optional != keys:  # Ŵ of the last step: restored when present
+                raise CheckpointError(f"{seg.name}: checkpoint holds {sorted(saved)}, "
+                                      f"{type(optimizer).__name__} needs {sorted(keys)} "
+                                      "(written by another optimizer?)")
+            parts = {key: frags.segment(seg, key) for key in keys | optional}
+            copies.append((p, seg, parts, pieces[0][0]["scalars"]))
+
+    @torch.no_grad()
+    def apply():
+        for p, seg, parts, scalars in copies:
+            local = view.local(p.detach())
+            lp = local.reshape(-1)  # a copy when the layout is not contiguous (channels_last)
+            st = optimizer._state(p, lp, torch.zeros_like(
+                lp, dtype=torch.float32 if lp.dtype != torch.float64 else lp.dtype))
+            for key, part in parts.items():
+                if key != "param" and key not in st:  # optional state, made by the first step
+                    optimizer.state[p][key] = view.wrap_state(p, torch.zeros_like(st["grad_sum"]))
+                    st[key] = view.local(optimizer.state[p][key]).view(-1)
+                target = lp if key == "param" else st[key]
+                target[seg.lo:seg.hi].copy_(part)
+            if lp.data_ptr() != local.data_ptr():
+                local.copy_(lp.view(local.shape))
+            for key, (value, _) in scalars.items():
+                st[key].fill_(value)
+    return apply
 
 
 def save_optimizer_state(optimizer, path) -> None:
-    """Write this rank's slices of the optimizer state under ``path`` (all ranks must call)."""
+    """Write this rank's slices under ``path`` (all ranks call); rank 0 marks it COMPLETE last."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     dist = _dist()
     rank = dist.get_rank() if dist else 0
-    tensors, meta = {}, []
-    for i, (seg, st) in enumerate(_fragments(optimizer)):
-        entry = dict(name=seg.name, shape=list(seg.shape), start=seg.start, numel=seg.numel,
-                     block=list(seg.column_block) if seg.column_block else None, keys=[], scalars={})
-        for key, v in st.items():
-            if torch.is_tensor(v) and v.dim():
-                tensors[f"{i}/{key}"] = v[seg.lo:seg.hi].detach().cpu().contiguous()
-                entry["keys"].append(key)
-            elif torch.is_tensor(v):
-                entry["scalars"][key] = [v.item(), str(v.dtype).removeprefix("torch.")]
-        meta.append(entry)
-    tmp = path / f"rank{rank}.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"fragments": json.dumps(meta)})
-    os.replace(tmp, path / f"rank{rank}.safetensors")
+    write_shard(optimizer, path / f"rank{rank}.safetensors")
     if dist:
         dist.barrier()
     if rank == 0:
@@ -73,70 +238,10 @@ def save_optimizer_state(optimizer, path) -> None:
 
 
 def load_optimizer_state(optimizer, path) -> None:
-    """Fill this rank's optimizer state from a directory written at any world size."""
+    """Fill this rank's optimizer state (and master weights) from a directory of any world size."""
     path = Path(path)
     if not (path / MARKER).exists():
-        raise FileNotFoundError(f"{path} is not a complete ramda_ds optimizer checkpoint "
-                                f"(no {MARKER} marker: an interrupted save?)")
+        raise CheckpointError(f"{path} is not a complete ramda_ds optimizer checkpoint "
+                              f"(no {MARKER} marker: an interrupted save?)")
     world = json.loads((path / MARKER).read_text())["world_size"]
-    files = [path / f"rank{r}.safetensors" for r in range(world)]
-    frags = []  # (entry, {key: tensor})
-    for f in files:
-        if not f.exists():
-            raise FileNotFoundError(f"{f} missing from the checkpoint written by {world} ranks")
-        data = load_file(str(f))
-        from safetensors import safe_open
-
-        with safe_open(str(f), "pt") as h:
-            meta = json.loads(h.metadata()["fragments"])
-        for i, entry in enumerate(meta):
-            frags.append((entry, {key: data[f"{i}/{key}"] for key in entry["keys"]}))
-    by_name: dict[str, list] = {}
-    for entry, ts in frags:
-        by_name.setdefault(entry["name"], []).append((entry, ts))
-
-    view = optimizer.view
-    for p, group, k in view.handed(optimizer):
-        segs = [s for s in view.segments(p, group, k) if s.numel]
-        if not segs:
-            continue
-        lp = view.local(p.detach()).reshape(-1)
-        st = optimizer._state(p, lp, torch.zeros_like(lp, dtype=torch.float32
-                                                      if lp.dtype != torch.float64 else lp.dtype))
-        for seg in segs:
-            pieces = by_name.get(seg.name)
-            if not pieces:
-                raise KeyError(f"checkpoint has no optimizer state for parameter {seg.name}")
-            if list(seg.shape) != pieces[0][0]["shape"]:
-                raise ValueError(f"{seg.name}: checkpoint shape {pieces[0][0]['shape']} != model "
-                                 f"shape {list(seg.shape)}")
-            for key, target in st.items():
-                if not (torch.is_tensor(target) and target.dim()):
-                    continue
-                full = _assemble(pieces, key, seg.shape, target.dtype)
-                if seg.column_block is None:
-                    part = full[seg.start:seg.start + seg.numel]
-                else:
-                    R, c0, n, K = seg.column_block
-                    part = full.view(R, -1, K)[:, c0:c0 + n, :].reshape(-1)
-                target[seg.lo:seg.hi].copy_(part)
-            for key, (value, dtype) in pieces[0][0]["scalars"].items():
-                st[key].fill_(value)
-
-
-def _assemble(pieces, key, shape, dtype):
-    full = torch.zeros(math.prod(shape), dtype=dtype)
-    covered = 0
-    for entry, ts in pieces:
-        if key not in ts:
-            raise KeyError(f"checkpoint state of {entry['name']} has no {key!r} (another optimizer?)")
-        t = ts[key].to(dtype)
-        if entry["block"] is None:
-            full[entry["start"]:entry["start"] + entry["numel"]] = t
-        else:
-            R, c0, n, K = entry["block"]
-            full.view(R, -1, K)[:, c0:c0 + n, :] = t.view(R, n, K)
-        covered += entry["numel"]
-    if covered < full.numel():
-        raise ValueError(f"checkpoint covers {covered} of {full.numel()} elements of {key}")
-    return full
+    plan_load(optimizer, [path / f"rank{r}.safetensors" for r in range(world)])()

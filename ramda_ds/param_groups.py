@@ -24,7 +24,7 @@ def default_regularized_names(model: nn.Module) -> set[str]:
         if not isinstance(mod, _DEFAULT_TYPES):
             continue
         for pname, p in mod.named_parameters(recurse=False):
-            if p.dim() >= 2 and (pname == "weight" or pname.startswith("weight_")):
+            if len(_shape(p)) >= 2 and (pname == "weight" or pname.startswith("weight_")):
                 names.add(f"{mod_name}.{pname}" if mod_name else pname)
     return names
 
@@ -34,8 +34,7 @@ def build_param_groups(model: nn.Module, regularizer: str = "group_lasso", lam: 
                        grouping: dict[str, str] | None = None, **overrides) -> list[dict]:
     """Param groups: one unregularized group, one per grouping rule of regularized tensors.
 
-    Each group carries ``param_names`` (kept by DeepSpeed) and, for regularized groups,
-    ``param_shapes``, so sharded views can find every tensor's original name and shape. For FSDP1
+    Each group carries ``param_names`` (kept by DeepSpeed) and ``param_shapes``, so sharded views can find every tensor's original name and shape. For FSDP1
     (``use_orig_params=True``, which flattens parameters in place) call it before wrapping. ``overrides`` go into every group (e.g. ``lr``).
     Raises ValueError if a pattern matches no parameter or a rule does not fit a shape.
     """
@@ -60,14 +59,21 @@ def build_param_groups(model: nn.Module, regularizer: str = "group_lasso", lam: 
             if fnmatch(n, pat):
                 rule = r
         if regularizer == "group_lasso":
-            layout_for(p.shape, rule, n)  # validate now
+            layout_for(_shape(p), rule, n)  # validate now
         reg.setdefault(rule, ([], []))
         reg[rule][0].append(p), reg[rule][1].append(n)
     groups = []
     if free[0]:
-        groups.append(dict(params=free[0], param_names=free[1], regularizer=None, lam=0.0, **overrides))
+        groups.append(dict(params=free[0], param_names=free[1],
+                           param_shapes=[_shape(p) for p in free[0]], regularizer=None,
+                           lam=0.0, **overrides))
     for rule, (ps, ns) in reg.items():
-        groups.append(dict(params=ps, param_names=ns, param_shapes=[tuple(p.shape) for p in ps],
+        groups.append(dict(params=ps, param_names=ns, param_shapes=[_shape(p) for p in ps],
                            regularizer=regularizer, lam=lam,
                            grouping="input" if rule == "element" else rule, **overrides))
     return groups
+
+
+def _shape(p) -> tuple:
+    """The original shape, also of a parameter already partitioned by ZeRO-3 ``zero.Init``."""
+    return tuple(getattr(p, "ds_shape", p.shape))

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent / "dist"))
 from common import batches, loss_fn, make_model, make_optimizer  # noqa: E402
 from test_sharded import ROOT, free_port  # noqa: E402
 
-from ramda_ds.checkpoint import load_optimizer_state, save_optimizer_state  # noqa: E402
+from ramda_ds.checkpoint import CheckpointError, load_optimizer_state, save_optimizer_state  # noqa: E402
 from ramda_ds.sharding.gather import gather_full_state  # noqa: E402
 
 NAMES = ("RAMDA", "ProxGen")
@@ -99,8 +99,17 @@ def test_incomplete_or_foreign_checkpoints_are_refused(tmp_path, monkeypatch, on
     ckpt = tmp_path / "ckpt"
     one_process("RAMDA", ckpt, "save", monkeypatch)
     model = make_model()
-    with pytest.raises(KeyError, match="no 'exp_avg'"):  # RAMDA state into ProxGen
-        load_optimizer_state(make_optimizer("ProxGen", model), ckpt / "RAMDA")
-    (ckpt / "RAMDA" / "COMPLETE").unlink()  # as if the save was killed before the end
-    with pytest.raises(FileNotFoundError, match="not a complete"):
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    proxgen = make_optimizer("ProxGen", model)
+    with pytest.raises(CheckpointError, match="ProxGen needs"):  # RAMDA state into ProxGen
+        load_optimizer_state(proxgen, ckpt / "RAMDA")
+    assert not proxgen.state  # checked before anything was written
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    shard = ckpt / "RAMDA" / "rank0.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])  # truncated
+    with pytest.raises(CheckpointError, match="cannot read"):
         load_optimizer_state(make_optimizer("RAMDA", model), ckpt / "RAMDA")
+    (ckpt / "RAMDA" / "COMPLETE").unlink()  # as if the save was killed before the end
+    with pytest.raises(CheckpointError, match="not a complete"):
+        load_optimizer_state(make_optimizer("RAMDA", model), ckpt / "RAMDA")
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -73,6 +73,14 @@ def _view_for(model, opt, process_group):
     if any(isinstance(p, DTensor) for p in model.parameters()):
         from .fsdp import FSDP2View
 
+        held = {id(p) for p in model.parameters()}
+        stale = [n for g in opt.param_groups for n, p in zip(g.get("param_names") or
+                 [f"<{tuple(p.shape)}>" for p in g["params"]], g["params"]) if id(p) not in held]
+        if stale:
+            raise ValueError(f"the optimizer holds parameters the FSDP2 model no longer uses "
+                             f"({stale[:2]}...): fully_shard replaces them, so build the optimizer "
+                             "after fully_shard")
+
         mesh_group = process_group
         if mesh_group is None:  # the mesh dimension that shards (HSDP: not the replicate one)
             from torch.distributed.tensor import Shard

@@ -82,6 +82,9 @@ class Unsharded:
             for k, p in enumerate(group["params"]):
                 yield p, group, k
 
+    def master_loaded(self) -> None:
+        """Master weights were overwritten (checkpoint load): refresh any copies the model uses."""
+
     def wrap_state(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """How a per-element state tensor is stored (FSDP2: a DTensor like ``p``)."""
         return t

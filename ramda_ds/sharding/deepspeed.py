@@ -38,6 +38,10 @@ class ZeroFlatView(ShardedView):
             out.append(dict(name=self.name(lp), shape=tuple(lp.shape), lo=lo, hi=hi, start=start))
         return out
 
+    def master_loaded(self):
+        """bit16 params ← fp32 partitions, all-gathered (what DeepSpeed does after a step)."""
+        self.zero.update_lp_params()
+
 
 class Zero3View(ShardedView):
     """ZeRO stage 3."""
@@ -65,3 +69,12 @@ class Zero3View(ShardedView):
         """ZeRO-3 empties ``params`` between sub-group steps: list the sub-groups instead."""
         for i, flat in enumerate(self.zero.fp32_partitioned_groups_flat):
             yield flat, optimizer.param_groups[self.zero.sub_group_to_group_id[i]], 0
+
+    def master_loaded(self):
+        """bit16 partitions (``ds_tensor``) ← fp32 partitions; gathered at the next forward."""
+        import torch
+
+        with torch.no_grad():
+            for bit16, fp32 in zip(self.zero.fp16_partitioned_groups_flat,
+                                   self.zero.fp32_partitioned_groups_flat):
+                bit16.copy_(fp32)
