@@ -7,139 +7,214 @@ Prunable units are the groups: FFN intermediate neurons (input columns of ``mlp.
 of GPT-2's transposed ``mlp.c_proj``) and attention heads (input columns of ``self_attn.o_proj``
 grouped per head). Everything else is trained without regularization. The model is loaded with
 ``from_pretrained(path)`` (no download); without a tokenizer in ``path`` a SentencePiece model is
-trained on the corpus (vocabulary ≤ the model's). Work in progress towards issue 4.
+trained on the corpus (vocabulary ≤ the model's). ``--groups "PATTERN=RULE;..."`` replaces the
+default units. Training, metrics and checkpoints (``--save_every``, ``--resume auto``) are those of
+``train_lm.py``; the end of a run writes ``summary.json`` with the units kept per tensor.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from train_lm import OPTIMIZERS  # noqa: E402
+from train_lm import (OPTIMIZERS, make_accelerator, prepare, resolve_precision,  # noqa: E402
+                      run_to_end, shard_fsdp2, use_fsdp2)
 
 
 @dataclass
 class FinetuneArgs:
     model_path: str = field(default="", metadata={"help": "local HF checkpoint directory"})
-    train_file: str = field(default="", metadata={"help": "text file; default: Python docs"})
+    train_file: str = field(default="", metadata={"help": "text/json/parquet; default: Python docs"})
+    valid_file: str = field(default="")
     optimizer: str = "ramda"
     lr: float = 1e-3
     lam: float = 1e-5
     momentum: float = 0.1
+    milestones: str = field(default="", metadata={"help": "comma-separated restart steps"})
     units: str = field(default="ffn,heads", metadata={"help": "ffn, heads, or both"})
+    groups: str = field(default="", metadata={"help": "custom units: 'PATTERN=RULE;...' with RULE "
+                                              "input | output | head:D (replaces --units)"})
     seq_len: int = 64
     batch_size: int = 4
+    grad_accum: int = 1
+    grad_clip: float = 1.0
     steps: int = 100
+    eval_every: int = 50
+    save_every: int = 0
+    keep_last: int = 2
+    resume: str = ""
+    precision: str = "auto"
+    fsdp2: bool = False
+    seed: int = 0
     output_dir: str = "runs/finetune"
 
 
+def parse_args(argv=None) -> FinetuneArgs:
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(FinetuneArgs)
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        (a,) = parser.parse_yaml_file(argv[0])
+    else:
+        (a,) = parser.parse_args_into_dataclasses(argv)
+    validate(a)
+    return a
+
+
 def validate(a: FinetuneArgs) -> None:
+    """Fail before any process group starts, naming the problem (the model is built on the meta
+    device to check the group patterns against its parameter names)."""
     if not a.model_path or not (Path(a.model_path) / "config.json").exists():
         raise SystemExit(f"--model_path must be a local HF checkpoint with config.json, got {a.model_path!r}")
     if a.optimizer not in OPTIMIZERS:
         raise SystemExit(f"unknown optimizer {a.optimizer!r}; choose one of {OPTIMIZERS}")
     if a.lam < 0:
         raise SystemExit(f"lam must be >= 0, got {a.lam}")
-    if a.train_file and not Path(a.train_file).exists():
-        raise SystemExit(f"file not found: {a.train_file}")
+    for f in (a.train_file, a.valid_file):
+        if f and not f.startswith("hf:") and not Path(f).exists():
+            raise SystemExit(f"file not found: {f}")
     if not set(a.units.split(",")) <= {"ffn", "heads"}:
         raise SystemExit(f"units must be ffn and/or heads, got {a.units!r}")
+    if a.precision not in ("auto", "bf16", "no"):
+        raise SystemExit(f"precision must be auto, bf16 or no, got {a.precision!r}")
+    if a.steps < 1 or a.batch_size < 1 or a.grad_accum < 1 or a.eval_every < 1:
+        raise SystemExit("steps, batch_size, grad_accum and eval_every must be >= 1")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(a.model_path))
+    try:
+        unit_patterns(model, a)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
-def prunable_groups(model, a: FinetuneArgs):
-    """Param groups whose group-lasso groups are FFN neurons and attention heads."""
+def unit_patterns(model, a: FinetuneArgs) -> dict[str, str]:
+    """``{pattern: grouping rule}`` of the prunable units; ValueError if one matches nothing."""
+    from fnmatch import fnmatch
+
+    names = [n for n, _ in model.named_parameters()]
+    if a.groups:
+        rules = dict(item.split("=", 1) for item in a.groups.split(";") if item.strip())
+    else:
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        candidates = {"ffn": {"*.mlp.down_proj.weight": "input", "*.mlp.c_proj.weight": "output"},
+                      "heads": {"*.self_attn.o_proj.weight": f"head:{head_dim}"}}
+        rules = {pat: rule for unit in a.units.split(",") for pat, rule in candidates[unit].items()
+                 if any(fnmatch(n, pat) for n in names)}
+        if not rules:
+            raise ValueError("found no prunable units (mlp.down_proj / mlp.c_proj / "
+                             f"self_attn.o_proj) in {type(model).__name__}; pass --groups")
+    for pat in rules:
+        if not any(fnmatch(n, pat) for n in names):
+            raise ValueError(f"group pattern {pat!r} matches no parameter of "
+                             f"{type(model).__name__} (e.g. {names[-1]!r})")
+    return rules
+
+
+def make_optimizer(a: FinetuneArgs, model):
+    from ramda_ds.optim import RAMDA, RMDA, ProxGen, ProxSGD
     from ramda_ds.param_groups import build_param_groups
 
-    cfg = model.config
-    names = [n for n, _ in model.named_parameters()]
-    include, grouping = [], {}
-    units = a.units.split(",")
-    if "ffn" in units:
-        for pat, rule in (("*.mlp.down_proj.weight", "input"), ("*.mlp.c_proj.weight", "output")):
-            if any(__import__("fnmatch").fnmatch(n, pat) for n in names):
-                include.append(pat)
-                grouping[pat] = rule
-    if "heads" in units:
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        if any(n.endswith("self_attn.o_proj.weight") for n in names):
-            include.append("*.self_attn.o_proj.weight")
-            grouping["*.self_attn.o_proj.weight"] = f"head:{head_dim}"
-    if not include:
-        raise SystemExit("found no prunable units (mlp.down_proj / mlp.c_proj / self_attn.o_proj) "
-                         f"in {type(model).__name__}")
-    return build_param_groups(model, "group_lasso", lam=a.lam, include=include, grouping=grouping)
+    if a.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=a.lr)
+    rules = unit_patterns(model, a)
+    groups = build_param_groups(model, "group_lasso", lam=a.lam, include=list(rules), grouping=rules)
+    kw = dict(lr=a.lr, milestones=tuple(int(m) for m in a.milestones.split(",") if m))
+    return {"ramda": lambda: RAMDA(groups, momentum=a.momentum, keep_structured=True, **kw),
+            "rmda": lambda: RMDA(groups, momentum=a.momentum, **kw),
+            "proxsgd": lambda: ProxSGD(groups, momentum=a.momentum, **kw),
+            "proxgen": lambda: ProxGen(groups, **kw)}[a.optimizer]()
+
+
+def tokenize(acc, a: FinetuneArgs, vocab: int, out: Path):
+    """Token ids of the train and validation text: the checkpoint's tokenizer if it has one,
+    else a SentencePiece model trained on the corpus (ids folded into the model's vocabulary)."""
+    from ramda_ds import data
+
+    train_file, valid_file = a.train_file, a.valid_file
+    if not train_file:
+        with acc.local_main_process_first():
+            train_file, valid_file = data.default_corpus(out / "data")
+    valid_file = valid_file or train_file
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(a.model_path)
+    except (OSError, ValueError, TypeError):
+        tok = None
+    if tok is not None:
+        def ids(f):
+            return torch.tensor([i for t in data.load_lines(f)["text"] for i in
+                                 tok(t)["input_ids"] + [tok.eos_token_id or 0]])
+        return ids(train_file), ids(valid_file)
+    size = min(vocab, 2000)
+    with acc.local_main_process_first():
+        sp = data.train_tokenizer(train_file, str(out / "data" / f"sp{size}"), size)
+    return (data.encode(data.load_lines(train_file), sp) % vocab,
+            data.encode(data.load_lines(valid_file), sp) % vocab)
+
+
+def causal_lm_forward(model, x, memory):
+    return model(input_ids=x).logits, None
 
 
 def main(argv=None):
-    from transformers import AutoModelForCausalLM, HfArgumentParser
+    a = parse_args(argv)
+    from transformers import AutoModelForCausalLM
 
-    (a,) = HfArgumentParser(FinetuneArgs).parse_args_into_dataclasses(argv)
-    validate(a)
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
-    from ramda_ds import data
-    from ramda_ds.metrics import tensor_sparsity, weighted_group_sparsity
-    from ramda_ds.optim import RAMDA, RMDA, ProxGen, ProxSGD
+    from ramda_ds.metrics import tensor_sparsity
     from ramda_ds.sharding import attach
+    from ramda_ds.training.loop import LoopConfig, train, unwrap
+    from ramda_ds.training.tasks import StreamTask
 
-    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    acc = Accelerator(kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")]
-                      if multi and not torch.cuda.is_available() else [])
+    precision = resolve_precision(a.precision)
+    acc = make_accelerator(a.grad_accum, precision)
+    torch.manual_seed(a.seed)
     out = Path(a.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
     model = AutoModelForCausalLM.from_pretrained(a.model_path)
-    vocab = model.config.vocab_size
-    train_file = a.train_file or data.default_corpus(out / "data")[0]
-    with acc.local_main_process_first():
-        tok = data.train_tokenizer(train_file, str(out / "data" / f"sp{min(vocab, 2000)}"),
-                                   min(vocab, 2000))
-    ids = data.encode(data.load_lines(train_file), tok) % vocab
-    streams = data.lm_streams(ids, a.batch_size * acc.num_processes)[acc.process_index::acc.num_processes]
-    groups = prunable_groups(model, a)
-    kw = dict(lr=a.lr)
-    opt = {"ramda": lambda: RAMDA(groups, momentum=a.momentum, keep_structured=True, **kw),
-           "rmda": lambda: RMDA(groups, momentum=a.momentum, **kw),
-           "proxsgd": lambda: ProxSGD(groups, momentum=a.momentum, **kw),
-           "proxgen": lambda: ProxGen(groups, **kw),
-           "adamw": lambda: torch.optim.AdamW(model.parameters(), **kw)}[a.optimizer]()
-    model, opt = acc.prepare(model, opt)
-    if a.optimizer != "adamw":
-        attach(opt, model)
-    t0, step = time.time(), 0
-    for x, y in data.segments(streams, a.seq_len):
-        if step == a.steps:
-            break
-        logits = model(input_ids=x).logits
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
-        acc.backward(loss)
-        opt.step()
-        opt.zero_grad()
-        step += 1
-    inner = opt
-    while not hasattr(inner, "view") and hasattr(inner, "optimizer"):
-        inner = inner.optimizer
+    n_params = sum(p.numel() for p in model.parameters())
+    train_ids, valid_ids = tokenize(acc, a, model.config.vocab_size, out)
+    task = StreamTask(acc, train_ids, valid_ids, a.batch_size, a.seq_len, causal_lm_forward)
+    fsdp2 = use_fsdp2(a.fsdp2)
+    if fsdp2:
+        blocks = getattr(getattr(model, "model", None), "layers", None) or \
+            getattr(getattr(model, "transformer", None), "h", [])
+        shard_fsdp2(model, blocks, precision)
+    opt = make_optimizer(a, model)
+    model, opt = prepare(acc, model, opt, a, fsdp2)
+    view = attach(opt, model) if a.optimizer != "adamw" else None
+    setup = dict(world_size=acc.num_processes, view=type(view).__name__, model=a.model_path,
+                 distributed_type=acc.distributed_type.name, precision=precision,
+                 optimizer=a.optimizer, params=n_params)
     # RAMDA's W is an average that is only exactly sparse once c = 1: report its Ŵ, the
     # structure an export would keep
-    structured = isinstance(inner, RAMDA)
-    rows = tensor_sparsity(inner, structured) if a.optimizer != "adamw" else []
-    summary = dict(steps=step, loss=loss.item(), ppl=math.exp(min(loss.item(), 50)),
-                   wgs=weighted_group_sparsity(inner, structured) if rows else 0.0,
-                   units={r.name: [r.zero_groups, r.groups] for r in rows},
-                   seconds=time.time() - t0)
-    if acc.is_main_process:
-        print(json.dumps(summary))
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    acc.end_training()
+    loop = LoopConfig(steps=a.steps, output_dir=a.output_dir, grad_accum=a.grad_accum,
+                      grad_clip=a.grad_clip, eval_every=a.eval_every, save_every=a.save_every,
+                      keep_last=a.keep_last, resume=a.resume, structured=a.optimizer == "ramda")
+
+    def run():
+        rows = train(acc, model, opt, task, loop, setup)
+        inner = unwrap(opt)
+        units = tensor_sparsity(inner, loop.structured) if inner else []
+        last = rows[-1] if rows else {}
+        summary = dict(steps=a.steps, loss=last.get("loss"), ppl=last.get("valid_ppl"),
+                       wgs=last.get("wgs", 0.0), units={r.name: [r.zero_groups, r.groups] for r in units})
+        if acc.is_main_process:
+            print(json.dumps(summary))
+            (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+    return run_to_end(acc, run)
 
 
 if __name__ == "__main__":

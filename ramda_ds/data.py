@@ -29,26 +29,53 @@ def default_corpus(cache_dir) -> list[str]:
 
 
 def load_lines(path: str):
-    """A local text/json/parquet file as a ``datasets`` Dataset with a ``text`` column."""
+    """A ``datasets`` Dataset with a ``text`` column from a local text/json/parquet file, or from
+    ``hf:NAME[:CONFIG][@SPLIT]``: a dataset already in the local HF cache (or a local dataset
+    directory), loaded offline — never downloaded."""
     import datasets
 
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    if not Path(path).exists():
-        raise FileNotFoundError(f"data file not found: {path}")
-    kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(Path(path).suffix, "text")
-    ds = datasets.load_dataset(kind, data_files=path, split="train")
+    _offline()
+    if path.startswith("hf:"):
+        name, _, split = path[3:].partition("@")
+        name, _, config = name.partition(":")
+        try:
+            ds = datasets.load_dataset(name, config or None, split=split or "train")
+        except Exception as e:  # not cached: the offline error says so
+            raise FileNotFoundError(f"dataset {path} is not in the local cache: {e}") from e
+    else:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"data file not found: {path}")
+        kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(Path(path).suffix,
+                                                                             "text")
+        ds = datasets.load_dataset(kind, data_files=path, split="train")
     if "text" not in ds.column_names:
         raise ValueError(f"{path} has no 'text' column (columns: {ds.column_names})")
     return ds
 
 
-def train_tokenizer(text_file: str, prefix: str, vocab_size: int) -> str:
-    """Train a SentencePiece unigram model on ``text_file``; returns the .model path."""
+def _offline() -> None:
+    """No hub access from here on (the environment variables only count before the import)."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    if hasattr(datasets.config, "HF_DATASETS_OFFLINE"):
+        datasets.config.HF_DATASETS_OFFLINE = True
+
+
+def train_tokenizer(source: str, prefix: str, vocab_size: int) -> str:
+    """Train a SentencePiece unigram model on the text of ``source`` (anything :func:`load_lines`
+    reads); returns the .model path. Reused when it exists."""
     import sentencepiece as spm
 
     model = f"{prefix}.model"
     if not Path(model).exists():
         Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+        text_file = source
+        if source.startswith("hf:") or Path(source).suffix in (".json", ".jsonl", ".parquet"):
+            text_file = f"{prefix}.corpus.txt"
+            Path(text_file).write_text("\n".join(load_lines(source)["text"]))
         spm.SentencePieceTrainer.train(input=text_file, model_prefix=prefix, vocab_size=vocab_size,
                                        character_coverage=1.0, model_type="unigram",
                                        minloglevel=2, hard_vocab_limit=False)

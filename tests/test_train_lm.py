@@ -15,8 +15,9 @@ SCRIPT = str(ROOT / "launch" / "train_lm.py")
 FAST = ["--steps", "6", "--eval_every", "6", "--vocab_size", "500", "--batch_size", "4"]
 
 
-def run(cmd, tmp_path, timeout=600):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))
+def run(cmd, tmp_path, timeout=600, env=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TMPDIR=str(tmp_path),
+               **(env or {}))
     return subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
 
 
@@ -42,13 +43,17 @@ def test_single_process_run_learns_and_reports(tmp_path):
     assert setup["view"] == "Unsharded" and setup["world_size"] == 1
     assert last["valid_ppl"] < first["valid_ppl"] < 500
     assert "validation perplexity" in p.stdout and "weighted group sparsity" in p.stdout
+    assert set(last["layer_sparsity"]) >= {"layers.0.ff.down.weight", "layers.1.attn.o.weight"}
+    assert last["solver_iters_mean"] >= 1 and 0 <= last["screened_frac"] <= 1
+    assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000040"
 
 
 def test_deepspeed_zero2_two_processes_through_accelerate(tmp_path):
     out = tmp_path / "o"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage",
            "2", "--num_processes", "2", "--main_process_port", str(free_port()), SCRIPT, *FAST,
-           "--output_dir", str(out)]
+           "--grad_accum", "2", "--output_dir", str(out)]
     p = run(cmd, tmp_path)
     assert p.returncode == 0, p.stderr[-4000:]
     setup = rows(out)[0]
@@ -56,15 +61,28 @@ def test_deepspeed_zero2_two_processes_through_accelerate(tmp_path):
     assert setup["world_size"] == 2 and rows(out)[-1]["valid_ppl"] > 0
 
 
-def test_fsdp2_two_processes_really_shard(tmp_path):
+def test_fsdp2_config_two_processes_really_shard(tmp_path):
+    """accelerate skips its FSDP plugin on CPU; the script applies fully_shard itself."""
     out = tmp_path / "o"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(free_port()), SCRIPT, "--fsdp2",
-           *FAST, "--output_dir", str(out)]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"), "--main_process_port",
+           str(free_port()), SCRIPT, *FAST, "--output_dir", str(out)]
     p = run(cmd, tmp_path)
     assert p.returncode == 0, p.stderr[-4000:]
     setup = rows(out)[0]
     assert setup["view"] == "FSDP2View" and setup["dtensor_params"] > 0 and setup["world_size"] == 2
+
+
+def test_ddp_config_two_processes(tmp_path):
+    out = tmp_path / "o"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--main_process_port",
+           str(free_port()), SCRIPT, *FAST, "--output_dir", str(out)]
+    p = run(cmd, tmp_path, env={"ACCELERATE_USE_CPU": "true"})
+    assert p.returncode == 0, p.stderr[-4000:]
+    setup = rows(out)[0]
+    assert setup["distributed_type"] == "MULTI_CPU" and setup["view"] == "Unsharded"
+    assert setup["world_size"] == 2 and rows(out)[-1]["valid_ppl"] > 0
 
 
 def test_two_machines_simulated_on_loopback_with_the_zero2_config(tmp_path):

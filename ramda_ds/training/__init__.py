@@ -1,0 +1,1 @@
+"""Training-run machinery shared by the launch scripts: checkpoints, metrics sink, the loop."""

@@ -1,0 +1,184 @@
+"""The training loop shared by the launch scripts: accumulation, clipping, evaluation, metrics,
+checkpoints every N steps and on SIGTERM, exact resume (also at another world size).
+
+A *task* supplies what depends on the model family (see :class:`Task`); the loop owns the rest.
+Positions are counted in micro-batches consumed per rank, so a resumed run reads exactly the
+batches the uninterrupted run would have read.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import torch
+
+from ..checkpoint import CheckpointError
+from ..comm import world_sum_
+from .run_checkpoint import RunCheckpointer, restore_rng, rng_state
+from .run_logger import RunLogger
+
+PREEMPTED_EXIT = 143  # 128 + SIGTERM: schedulers and torchrun --max-restarts treat it as a failure
+
+
+@dataclass
+class LoopConfig:
+    steps: int
+    output_dir: str
+    grad_accum: int = 1
+    grad_clip: float = 0.0
+    eval_every: int = 100
+    save_every: int = 0  # 0: only at the end and on SIGTERM
+    keep_last: int = 2
+    resume: str = ""  # "", "auto" (latest under output_dir/checkpoints) or a checkpoint directory
+    structured: bool = False  # report sparsity of RAMDA's Ŵ (keep_structured) instead of W
+
+
+class Task(Protocol):
+    def batches(self, position: int) -> Iterator: ...  # micro-batches from ``position`` on
+    def loss(self, model, batch) -> torch.Tensor: ...
+    def evaluate(self, model) -> dict: ...  # every rank calls it
+    def meta(self) -> dict: ...  # what a resumed run must agree on (e.g. global batch size)
+    def carry(self) -> dict: ...  # this rank's tensors to checkpoint (e.g. Transformer-XL memory)
+    def restore(self, saved: list[dict], position: int) -> None: ...  # every saved rank's tensors
+
+
+class Preemption:
+    """SIGTERM sets a flag; ranks agree on it (one max-reduce) at the next step boundary."""
+
+    def __init__(self):
+        self.flag = False
+        self._old = signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        self.flag = True
+
+    def agreed(self, acc) -> bool:
+        t = torch.tensor([float(self.flag)], device=acc.device)
+        return bool(world_sum_(t).item() > 0)
+
+    def close(self):
+        signal.signal(signal.SIGTERM, self._old)
+
+
+def unwrap(opt):
+    """The ramda_ds optimizer inside accelerate / DeepSpeed wrappers, or None (e.g. AdamW)."""
+    from ..optim.base import StructuredOptimizer
+
+    for _ in range(5):
+        if isinstance(opt, StructuredOptimizer):
+            return opt
+        opt = getattr(opt, "optimizer", None)
+    return None
+
+
+def structure_metrics(opt, structured: bool) -> dict:
+    """Weighted group sparsity, per-tensor group sparsity and the last solves' statistics."""
+    from ..metrics import tensor_sparsity
+
+    if opt is None:
+        return {}
+    rows = tensor_sparsity(opt, structured)
+    sizes = sum(r.groups * r.group_size for r in rows)
+    wgs = sum(r.zero_groups * r.group_size for r in rows) / sizes if sizes else 0.0
+    stats = list(opt.last_stats.values())
+    out = dict(wgs=wgs, layer_sparsity={r.name: round(r.sparsity, 4) for r in rows})
+    if stats:
+        out.update(solver_iters_mean=sum(s.iterations for s in stats) / len(stats),
+                   solver_iters_max=max(s.iterations for s in stats),
+                   screened_frac=sum(s.screened_groups for s in stats) /
+                   max(1, sum(s.active_groups + s.screened_groups for s in stats)))
+    return out
+
+
+def checkpoint_root(output_dir) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict) -> list[dict]:
+    """Run to ``cfg.steps`` optimizer steps (or until SIGTERM); returns the logged rows."""
+    ramda = unwrap(opt)
+    ckpt = RunCheckpointer(checkpoint_root(cfg.output_dir), cfg.keep_last) if ramda else None
+    step = position = 0
+    if cfg.resume and ckpt is None:
+        raise SystemExit("resuming needs a ramda_ds optimizer (the AdamW baseline keeps no "
+                         "checkpoints)")
+    path = ckpt.resolve(cfg.resume) if cfg.resume else None
+    if ckpt and not cfg.resume and (ckpt.root / "latest").exists():
+        raise SystemExit(f"{ckpt.root} holds checkpoints of an earlier run: pass --resume auto "
+                         "to continue it, or choose another --output_dir")
+    if path is not None:
+        try:
+            loaded = ckpt.load(path, ramda)  # everything checked; nothing changed yet
+            mine, saved = task.meta(), {k: loaded.meta.get(k) for k in task.meta()}
+            if mine != saved:
+                raise CheckpointError(f"this run's {mine} != the checkpoint's {saved}")
+        except CheckpointError as e:
+            raise SystemExit(f"cannot resume from {path}: {e}") from None
+        loaded.apply()
+        ramda.view.master_loaded()
+        step, position = loaded.step, loaded.meta["position"]
+        task.restore(loaded.trainer, position)
+        if loaded.world_size == acc.num_processes:
+            restore_rng(loaded.trainer[acc.process_index])
+        else:  # no per-rank stream to continue: a fresh, rank- and step-dependent one
+            torch.manual_seed(1_000_003 * step + acc.process_index)
+    log = RunLogger(cfg.output_dir, cfg.steps, acc.is_main_process, start_step=step)
+    if step:
+        log.resume(step)
+        log.message(f"resumed from {path} at step {step} ({loaded.world_size} → "
+                    f"{acc.num_processes} processes)")
+    log.setup(dict(setup, event="resume" if step else "setup", step_start=step))
+    preempt = Preemption() if ckpt else None
+    rows, t0, tokens, start = [], time.time(), 0, step
+    batches = task.batches(position)
+    try:
+        while step < cfg.steps:
+            losses = []
+            for _ in range(cfg.grad_accum):
+                batch = next(batches)
+                position += 1
+                with acc.accumulate(model):
+                    loss = task.loss(model, batch)
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        if cfg.grad_clip > 0:
+                            acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                        opt.step()
+                        opt.zero_grad()
+                losses.append(loss.detach())
+                tokens += batch[1].numel() * acc.num_processes
+            step += 1
+            log.advance()
+            stop = preempt is not None and preempt.agreed(acc)
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                mean_loss = world_sum_(torch.stack(losses).mean().float()).item() / acc.num_processes
+                row = dict(step=step, loss=mean_loss,
+                           **task.evaluate(model), **structure_metrics(ramda, cfg.structured),
+                           tokens_per_s=round(tokens / (time.time() - t0), 1))
+                rows.append(row)
+                log.log(row)
+                log.message(f"step {step}: loss {row['loss']:.3f}" + "".join(
+                    f", {k} {row[k]:.{d}f}" for k, d in (("valid_ppl", 2), ("wgs", 3)) if k in row))
+            if ckpt and (stop or step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0)):
+                meta = dict(task.meta(), position=position)
+                where = ckpt.save(step, ramda, meta, {**rng_state(), **task.carry()})
+                if stop:
+                    log.message(f"SIGTERM: saved {where} at step {step}; resume with --resume auto")
+                    raise SystemExit(PREEMPTED_EXIT)
+    finally:
+        if preempt:
+            preempt.close()
+        log.close()
+    if rows:
+        last = rows[-1]
+        log_line = (f"step {step}: validation perplexity {last.get('valid_ppl', math.nan):.2f}, "
+                    f"weighted group sparsity {last.get('wgs', 0.0):.3f} "
+                    f"({time.time() - t0:.0f} s for {step - start} steps)")
+        if acc.is_main_process:
+            print(log_line, flush=True)
+    return rows
