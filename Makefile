@@ -1,10 +1,11 @@
-# Fresh machine:  make demo   (set up + run the main job)      make test   (set up + run the tests)
+# Fresh machine:  make demo   (set up + run the main job: tiny Transformer-XL, ~1 min on CPU)
+#                 make test   (set up + run the tests, what .ci/run runs)
 PY      ?= python3
 VENV    ?= .venv
 # The CPU build; on a GPU machine install your CUDA torch into the venv first and set TORCH_PIN=
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup demo test bench
+.PHONY: setup demo demo-mlp test bench
 
 $(VENV)/.ready: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -15,6 +16,10 @@ $(VENV)/.ready: pyproject.toml
 setup: $(VENV)/.ready
 
 demo: setup
+	rm -rf runs/demo
+	$(VENV)/bin/python launch/train_lm.py --output_dir runs/demo
+
+demo-mlp: setup
 	$(VENV)/bin/python -m ramda_ds.demo
 
 test: setup
@@ -22,3 +27,4 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/python bench/optimizer_step.py
+	$(VENV)/bin/python bench/train_step.py
