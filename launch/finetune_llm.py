@@ -84,8 +84,12 @@ def validate(a: FinetuneArgs) -> None:
         raise SystemExit(f"units must be ffn and/or heads, got {a.units!r}")
     if a.precision not in ("auto", "bf16", "no"):
         raise SystemExit(f"precision must be auto, bf16 or no, got {a.precision!r}")
-    if a.steps < 1 or a.batch_size < 1 or a.grad_accum < 1 or a.eval_every < 1:
-        raise SystemExit("steps, batch_size, grad_accum and eval_every must be >= 1")
+    if a.steps < 1 or a.batch_size < 1 or a.grad_accum < 1 or a.eval_every < 1 or a.keep_last < 1:
+        raise SystemExit("steps, batch_size, grad_accum, eval_every and keep_last must be >= 1")
+    if a.resume and a.resume != "auto" and not Path(a.resume).exists():
+        raise SystemExit(f"checkpoint not found: {a.resume}")
+    if a.resume and a.optimizer == "adamw":
+        raise SystemExit("resuming needs a ramda_ds optimizer; the AdamW baseline keeps no checkpoints")
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -182,7 +186,8 @@ def main(argv=None):
     out = Path(a.output_dir)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-    model = AutoModelForCausalLM.from_pretrained(a.model_path)
+    # fp32 master weights whatever the checkpoint's dtype (--precision sets the compute dtype)
+    model = AutoModelForCausalLM.from_pretrained(a.model_path, dtype=torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
     train_ids, valid_ids = tokenize(acc, a, model.config.vocab_size, out)
     task = StreamTask(acc, train_ids, valid_ids, a.batch_size, a.seq_len, causal_lm_forward)

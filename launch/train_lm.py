@@ -43,7 +43,7 @@ class RunArgs:
     batch_size: int = 8
     grad_clip: float = 0.25
     grad_accum: int = 1
-    eval_every: int = 200
+    eval_every: int = 100
     save_every: int = field(default=200, metadata={"help": "checkpoint period; 0: end/SIGTERM only"})
     keep_last: int = 2
     resume: str = field(default="", metadata={"help": "'auto' (latest checkpoint) or a directory"})

@@ -127,6 +127,30 @@ class Fragments:
         _check_covered(covered, name, key)
         return full
 
+    def check_covered(self, seg) -> None:
+        """From the metadata: the fragments hold every element of ``seg``."""
+        pieces = self.by_name[seg.name]
+        if seg.column_block is not None or any(e["block"] is not None for e, _, _ in pieces):
+            full = torch.zeros(math.prod(seg.shape), dtype=torch.bool)
+            for entry, _, _ in pieces:
+                if entry["block"] is None:
+                    full[entry["start"]:entry["start"] + entry["numel"]] = True
+                else:
+                    R, c0, n, K = entry["block"]
+                    full.view(R, -1, K)[:, c0:c0 + n, :] = True
+            if seg.column_block is None:
+                need = full[seg.start:seg.start + seg.numel]
+            else:
+                R, c0, n, K = seg.column_block
+                need = full.view(R, -1, K)[:, c0:c0 + n, :]
+            ok = bool(need.all())
+        else:
+            ok = _ranges_cover(seg.start, seg.start + seg.numel,
+                               [(e["start"], e["start"] + e["numel"]) for e, _, _ in pieces])
+        if not ok:
+            raise CheckpointError(f"checkpoint does not cover every element of {seg.name} that "
+                                  "this rank holds (a shard file is missing or foreign?)")
+
     def segment(self, seg, key) -> torch.Tensor:
         """The flat values of ``key`` on segment ``seg``: a range read from the overlapping
         fragments, or a column block cut from the whole tensor."""
@@ -148,6 +172,15 @@ class Fragments:
                 covered[a - lo:b - lo] = True
         _check_covered(covered, seg.name, key)
         return out
+
+
+def _ranges_cover(lo: int, hi: int, ranges) -> bool:
+    at = lo
+    for a, b in sorted(ranges):
+        if a > at:
+            return False
+        at = max(at, b)
+    return at >= hi
 
 
 def _check_covered(covered, name, key):
@@ -174,18 +207,22 @@ def state_keys(optimizer) -> set[str]:
 
 
 def plan_load(optimizer, files):
-    """Read and check what this rank needs; return ``apply()`` that copies it in.
+    """Check the checkpoint against this rank's tensors; return ``apply()`` that reads this
+    rank's ranges and copies them in.
 
-    Checks: every local parameter is in the checkpoint with the same shape and the same state
-    keys, and every needed element is covered. Nothing is modified before ``apply()``.
+    Checks (from the metadata, nothing read yet): every local parameter is in the checkpoint with
+    the same shape and state keys, and every needed element is covered. Nothing is modified
+    before ``apply()``. Segments are built first for all tensors, so that the collectives of a
+    sharded view run on every rank before any rank can raise.
     """
     frags = Fragments(files)
     keys = state_keys(optimizer)
-    view, copies = optimizer.view, []
-    for p, group, k in view.handed(optimizer):
-        for seg in view.segments(p, group, k):
-            if not seg.numel:
-                continue
+    view = optimizer.view
+    handed = [(p, group, view.segments(p, group, k)) for p, group, k in view.handed(optimizer)]
+    plan = []  # (p, [(seg, keys to copy)], scalars)
+    for p, group, segs in handed:
+        copies, scalars = [], {}
+        for seg in segs:
             pieces = frags.by_name.get(seg.name)
             if not pieces:
                 raise CheckpointError(f"checkpoint has no state for parameter {seg.name} "
@@ -198,24 +235,29 @@ def plan_load(optimizer, files):
             if saved - optional != keys:  # Ŵ of the last step: restored when present
                 raise CheckpointError(f"{seg.name}: checkpoint holds {sorted(saved)}, "
                                       f"{type(optimizer).__name__} needs {sorted(keys)} "
-                                      "(written by another optimizer?)")
-            parts = {key: frags.segment(seg, key) for key in keys | optional}
-            copies.append((p, seg, parts, pieces[0][0]["scalars"]))
+                                      "(written by another optimizer, or with other settings?)")
+            scalars = pieces[0][0]["scalars"]  # per tensor: the same in every fragment
+            if seg.numel:
+                frags.check_covered(seg)
+                copies.append((seg, keys | optional))
+        plan.append((p, copies, scalars))
 
     @torch.no_grad()
     def apply():
-        for p, seg, parts, scalars in copies:
+        for p, copies, scalars in plan:
             local = view.local(p.detach())
             lp = local.reshape(-1)  # a copy when the layout is not contiguous (channels_last)
+            # state also for an empty local shard: its step and α must match the other ranks'
             st = optimizer._state(p, lp, torch.zeros_like(
                 lp, dtype=torch.float32 if lp.dtype != torch.float64 else lp.dtype))
-            for key, part in parts.items():
-                if key != "param" and key not in st:  # optional state, made by the first step
-                    optimizer.state[p][key] = view.wrap_state(p, torch.zeros_like(st["grad_sum"]))
-                    st[key] = view.local(optimizer.state[p][key]).view(-1)
-                target = lp if key == "param" else st[key]
-                target[seg.lo:seg.hi].copy_(part)
-            if lp.data_ptr() != local.data_ptr():
+            for seg, seg_keys in copies:
+                for key in seg_keys:
+                    if key != "param" and key not in st:  # optional state, made by a step
+                        optimizer.state[p][key] = view.wrap_state(p, torch.zeros_like(st["grad_sum"]))
+                        st[key] = view.local(optimizer.state[p][key]).view(-1)
+                    target = lp if key == "param" else st[key]
+                    target[seg.lo:seg.hi].copy_(frags.segment(seg, key))
+            if lp.numel() and lp.data_ptr() != local.data_ptr():
                 local.copy_(lp.view(local.shape))
             for key, (value, _) in scalars.items():
                 st[key].fill_(value)

@@ -26,7 +26,7 @@ SCRIPT = str(ROOT / "launch" / "train_lm.py")
 STEPS, SAVE = 8, 4
 ARGS = ["--eval_every", "4", "--save_every", str(SAVE), "--vocab_size", "300", "--lam", "1e-3",
         "--milestones", "6",  # a restart between the checkpoint and the end
-        "--dropout", "0"]  # dropout masks depend on the world size; exact resume holds with it too
+        "--dropout", "0"]  # masks depend on the world size; same-size resume is tested with dropout
 BATCH = 4  # per rank at 2 ranks; the global batch (8) is what a resume must keep
 
 
@@ -87,22 +87,23 @@ def runs(tmp_path_factory):
     """Uninterrupted runs, made on first use: backend -> output directory."""
     made = {}
 
-    def get(backend):
-        if backend not in made:
+    def get(backend, dropout="0"):
+        if (backend, dropout) not in made:
             out = tmp_path_factory.mktemp(backend) / "full"
-            launch(backend, out)
-            made[backend] = out
-        return made[backend]
+            launch(backend, out, "--dropout", dropout)
+            made[backend, dropout] = out
+        return made[backend, dropout]
     return get
 
 
 @pytest.mark.parametrize("backend", ["single", "zero2", "zero3", "fsdp2"])
 def test_resume_is_exact(backend, runs, tmp_path):
-    full = runs(backend)
+    """With dropout: the per-rank RNG streams continue too."""
+    full = runs(backend, dropout="0.1")
     assert sorted(p.name for p in (full / "checkpoints").iterdir()) == [
         "latest", "step_00000004", "step_00000008"]
     out = tmp_path / "resumed"
-    launch(backend, out, "--resume", str(full / "checkpoints" / "step_00000004"))
+    launch(backend, out, "--resume", str(full / "checkpoints" / "step_00000004"), "--dropout", "0.1")
     assert_close(final_state(full), final_state(out), 0, f"{backend} resumed")
     assert metrics(out)[STEPS] == metrics(full)[STEPS]
     state = final_state(out)["layers.0.ff.down.weight"]
@@ -129,6 +130,13 @@ def test_only_the_newest_checkpoints_are_kept_and_fresh_runs_do_not_overwrite(tm
     p = launch("single", out, check=False)  # a fresh run into a directory with checkpoints
     assert p.returncode != 0 and "--resume auto" in p.stderr
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == names
+    # going back to step 6: step 7 is an abandoned future, set aside (not deleted, not pruned in
+    # favour of, not collided with)
+    launch("single", out, "--resume", str(out / "checkpoints" / "step_00000006"),
+           "--save_every", "2", "--keep_last", "2", steps=8)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "abandoned", "latest", "step_00000006", "step_00000008"]
+    assert [p.name for p in (out / "checkpoints" / "abandoned").glob("*/*")] == ["step_00000007"]
 
 
 def test_global_batch_must_match_to_resume(runs, tmp_path):

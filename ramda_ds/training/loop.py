@@ -107,18 +107,23 @@ def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict) -> list[dic
     if cfg.resume and ckpt is None:
         raise SystemExit("resuming needs a ramda_ds optimizer (the AdamW baseline keeps no "
                          "checkpoints)")
-    path = ckpt.resolve(cfg.resume) if cfg.resume else None
-    if ckpt and not cfg.resume and (ckpt.root / "latest").exists():
+    if acc.gradient_accumulation_steps != cfg.grad_accum:
+        raise SystemExit(f"accelerate accumulates {acc.gradient_accumulation_steps} micro-batches "
+                         f"(from its config or environment), --grad_accum says {cfg.grad_accum}")
+    if ckpt and not cfg.resume and ckpt.has_checkpoints():
         raise SystemExit(f"{ckpt.root} holds checkpoints of an earlier run: pass --resume auto "
                          "to continue it, or choose another --output_dir")
-    if path is not None:
-        try:
-            loaded = ckpt.load(path, ramda)  # everything checked; nothing changed yet
-            mine, saved = task.meta(), {k: loaded.meta.get(k) for k in task.meta()}
+    try:
+        path = ckpt.resolve(cfg.resume) if cfg.resume else None
+        if path is not None:
+            loaded = ckpt.load(path, ramda)  # everything checked on every rank; nothing changed
+            mine = dict(task.meta(), grad_accum=cfg.grad_accum)
+            saved = {k: loaded.meta.get(k) for k in mine}
             if mine != saved:
                 raise CheckpointError(f"this run's {mine} != the checkpoint's {saved}")
-        except CheckpointError as e:
-            raise SystemExit(f"cannot resume from {path}: {e}") from None
+    except CheckpointError as e:
+        raise SystemExit(f"cannot resume from {cfg.resume}: {e}") from None
+    if path is not None:
         loaded.apply()
         ramda.view.master_loaded()
         step, position = loaded.step, loaded.meta["position"]
@@ -127,18 +132,21 @@ def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict) -> list[dic
             restore_rng(loaded.trainer[acc.process_index])
         else:  # no per-rank stream to continue: a fresh, rank- and step-dependent one
             torch.manual_seed(1_000_003 * step + acc.process_index)
+        moved = ckpt.set_aside_after(step)
     log = RunLogger(cfg.output_dir, cfg.steps, acc.is_main_process, start_step=step)
     if step:
         log.resume(step)
         log.message(f"resumed from {path} at step {step} ({loaded.world_size} → "
                     f"{acc.num_processes} processes)")
+        if moved:
+            log.message(f"checkpoints after step {step} moved to {ckpt.root / 'abandoned'}: {moved}")
     log.setup(dict(setup, event="resume" if step else "setup", step_start=step))
     preempt = Preemption() if ckpt else None
-    rows, t0, tokens, start = [], time.time(), 0, step
+    rows, tokens, train_time, start = [], 0, 0.0, step
     batches = task.batches(position)
     try:
         while step < cfg.steps:
-            losses = []
+            losses, t0 = [], time.perf_counter()
             for _ in range(cfg.grad_accum):
                 batch = next(batches)
                 position += 1
@@ -152,21 +160,27 @@ def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict) -> list[dic
                         opt.zero_grad()
                 losses.append(loss.detach())
                 tokens += batch[1].numel() * acc.num_processes
+            train_time += time.perf_counter() - t0
             step += 1
             log.advance()
+            # SIGTERM: save right away (the launcher kills after TORCH_ELASTIC_SHUTDOWN_TIMEOUT)
             stop = preempt is not None and preempt.agreed(acc)
-            if step % cfg.eval_every == 0 or step == cfg.steps:
+            if not stop and (step % cfg.eval_every == 0 or step == cfg.steps):
                 mean_loss = world_sum_(torch.stack(losses).mean().float()).item() / acc.num_processes
                 row = dict(step=step, loss=mean_loss,
                            **task.evaluate(model), **structure_metrics(ramda, cfg.structured),
-                           tokens_per_s=round(tokens / (time.time() - t0), 1))
+                           tokens_per_s=round(tokens / train_time, 1))
                 rows.append(row)
                 log.log(row)
                 log.message(f"step {step}: loss {row['loss']:.3f}" + "".join(
                     f", {k} {row[k]:.{d}f}" for k, d in (("valid_ppl", 2), ("wgs", 3)) if k in row))
             if ckpt and (stop or step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0)):
-                meta = dict(task.meta(), position=position)
-                where = ckpt.save(step, ramda, meta, {**rng_state(), **task.carry()})
+                meta = dict(task.meta(), grad_accum=cfg.grad_accum, position=position)
+                try:
+                    where = ckpt.save(step, ramda, meta, {**rng_state(), **task.carry()})
+                except CheckpointError as e:
+                    raise SystemExit(f"saving the checkpoint of step {step} failed (the previous "
+                                     f"one is intact): {e}") from None
                 if stop:
                     log.message(f"SIGTERM: saved {where} at step {step}; resume with --resume auto")
                     raise SystemExit(PREEMPTED_EXIT)
@@ -178,7 +192,7 @@ def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict) -> list[dic
         last = rows[-1]
         log_line = (f"step {step}: validation perplexity {last.get('valid_ppl', math.nan):.2f}, "
                     f"weighted group sparsity {last.get('wgs', 0.0):.3f} "
-                    f"({time.time() - t0:.0f} s for {step - start} steps)")
+                    f"({train_time:.0f} s of training for {step - start} steps)")
         if acc.is_main_process:
             print(log_line, flush=True)
     return rows
