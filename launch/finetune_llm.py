@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from train_lm import (OPTIMIZERS, make_accelerator, prepare, resolve_precision,  # noqa: E402
-                      run_to_end, shard_fsdp2, use_fsdp2)
+from train_lm import (make_accelerator, prepare, read_args, resolve_precision,  # noqa: E402
+                      run_to_end, shard_fsdp2, use_fsdp2, validate_common)
 
 
 @dataclass
@@ -56,14 +56,7 @@ class FinetuneArgs:
 
 
 def parse_args(argv=None) -> FinetuneArgs:
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(FinetuneArgs)
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        (a,) = parser.parse_yaml_file(argv[0])
-    else:
-        (a,) = parser.parse_args_into_dataclasses(argv)
+    a = read_args(FinetuneArgs, argv)
     validate(a)
     return a
 
@@ -73,23 +66,9 @@ def validate(a: FinetuneArgs) -> None:
     device to check the group patterns against its parameter names)."""
     if not a.model_path or not (Path(a.model_path) / "config.json").exists():
         raise SystemExit(f"--model_path must be a local HF checkpoint with config.json, got {a.model_path!r}")
-    if a.optimizer not in OPTIMIZERS:
-        raise SystemExit(f"unknown optimizer {a.optimizer!r}; choose one of {OPTIMIZERS}")
-    if a.lam < 0:
-        raise SystemExit(f"lam must be >= 0, got {a.lam}")
-    for f in (a.train_file, a.valid_file):
-        if f and not f.startswith("hf:") and not Path(f).exists():
-            raise SystemExit(f"file not found: {f}")
+    validate_common(a, (a.train_file, a.valid_file))
     if not set(a.units.split(",")) <= {"ffn", "heads"}:
         raise SystemExit(f"units must be ffn and/or heads, got {a.units!r}")
-    if a.precision not in ("auto", "bf16", "no"):
-        raise SystemExit(f"precision must be auto, bf16 or no, got {a.precision!r}")
-    if a.steps < 1 or a.batch_size < 1 or a.grad_accum < 1 or a.eval_every < 1 or a.keep_last < 1:
-        raise SystemExit("steps, batch_size, grad_accum, eval_every and keep_last must be >= 1")
-    if a.resume and a.resume != "auto" and not Path(a.resume).exists():
-        raise SystemExit(f"checkpoint not found: {a.resume}")
-    if a.resume and a.optimizer == "adamw":
-        raise SystemExit("resuming needs a ramda_ds optimizer; the AdamW baseline keeps no checkpoints")
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):

@@ -53,38 +53,48 @@ class RunArgs:
     output_dir: str = "runs/lm"
 
 
-def parse_args(argv=None) -> RunArgs:
+def read_args(cls, argv=None):
+    """A ``cls`` dataclass from the command line, or from one YAML file given as the only argument."""
     from transformers import HfArgumentParser
 
-    parser = HfArgumentParser(RunArgs)
+    parser = HfArgumentParser(cls)
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
         (args,) = parser.parse_yaml_file(argv[0])
     else:
         (args,) = parser.parse_args_into_dataclasses(argv)
+    return args
+
+
+def parse_args(argv=None) -> RunArgs:
+    args = read_args(RunArgs, argv)
     validate(args)
     return args
 
 
-def validate(a: RunArgs) -> None:
-    """Fail before any process group starts, naming the problem."""
+def validate_common(a, files) -> None:
+    """The checks both scripts share; fail before any process group starts, naming the problem."""
     if a.optimizer not in OPTIMIZERS:
         raise SystemExit(f"unknown optimizer {a.optimizer!r}; choose one of {OPTIMIZERS}")
     if a.lam < 0:
         raise SystemExit(f"lam must be >= 0, got {a.lam}")
-    for f in (a.train_file, a.valid_file, a.tokenizer):
+    for f in files:
         if f and not f.startswith("hf:") and not Path(f).exists():
             raise SystemExit(f"file not found: {f}")
     if a.steps < 1 or a.batch_size < 1 or a.grad_accum < 1 or a.eval_every < 1 or a.keep_last < 1:
         raise SystemExit("steps, batch_size, grad_accum, eval_every and keep_last must be >= 1")
-    if a.grouping not in ("input", "output"):
-        raise SystemExit(f"grouping must be input or output, got {a.grouping!r}")
     if a.precision not in ("auto", "bf16", "no"):
         raise SystemExit(f"precision must be auto, bf16 or no, got {a.precision!r}")
     if a.resume and a.resume != "auto" and not Path(a.resume).exists():
         raise SystemExit(f"checkpoint not found: {a.resume}")
     if a.resume and a.optimizer == "adamw":
         raise SystemExit("resuming needs a ramda_ds optimizer; the AdamW baseline keeps no checkpoints")
+
+
+def validate(a: RunArgs) -> None:
+    validate_common(a, (a.train_file, a.valid_file, a.tokenizer))
+    if a.grouping not in ("input", "output"):
+        raise SystemExit(f"grouping must be input or output, got {a.grouping!r}")
 
 
 def make_optimizer(a: RunArgs, model):

@@ -59,7 +59,11 @@ def tensor_sparsity(optimizer, structured: bool = False) -> list[TensorSparsity]
 
 def weighted_group_sparsity(optimizer, structured: bool = False) -> float:
     """WGS = 1 − Σ(#nonzero groups·|g|) / Σ(#groups·|g|) over regularized tensors."""
-    rows = tensor_sparsity(optimizer, structured)
+    return wgs_of(tensor_sparsity(optimizer, structured))
+
+
+def wgs_of(rows: list[TensorSparsity]) -> float:
+    """WGS of per-tensor counts already computed by :func:`tensor_sparsity`."""
     total = sum(r.groups * r.group_size for r in rows)
     if total == 0:
         return 0.0

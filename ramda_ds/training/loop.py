@@ -78,15 +78,13 @@ def unwrap(opt):
 
 def structure_metrics(opt, structured: bool) -> dict:
     """Weighted group sparsity, per-tensor group sparsity and the last solves' statistics."""
-    from ..metrics import tensor_sparsity
+    from ..metrics import tensor_sparsity, wgs_of
 
     if opt is None:
         return {}
-    rows = tensor_sparsity(opt, structured)
-    sizes = sum(r.groups * r.group_size for r in rows)
-    wgs = sum(r.zero_groups * r.group_size for r in rows) / sizes if sizes else 0.0
+    rows = tensor_sparsity(opt, structured)  # one collective when sharded
     stats = list(opt.last_stats.values())
-    out = dict(wgs=wgs, layer_sparsity={r.name: round(r.sparsity, 4) for r in rows})
+    out = dict(wgs=wgs_of(rows), layer_sparsity={r.name: round(r.sparsity, 4) for r in rows})
     if stats:
         out.update(solver_iters_mean=sum(s.iterations for s in stats) / len(stats),
                    solver_iters_max=max(s.iterations for s in stats),
@@ -99,11 +97,35 @@ def checkpoint_root(output_dir) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
+def _resume(acc, ramda, task: Task, cfg: LoopConfig, ckpt: RunCheckpointer):
+    """Load ``cfg.resume`` (checked on every rank before anything changes) into the optimizer,
+    the task and the RNG; returns (step, position, loaded or None, checkpoints set aside)."""
+    try:
+        path = ckpt.resolve(cfg.resume)
+        if path is None:  # --resume auto, nothing saved yet: a fresh start
+            return 0, 0, None, []
+        loaded = ckpt.load(path, ramda)
+        mine = dict(task.meta(), grad_accum=cfg.grad_accum)
+        saved = {k: loaded.meta.get(k) for k in mine}
+        if mine != saved:
+            raise CheckpointError(f"this run's {mine} != the checkpoint's {saved}")
+    except CheckpointError as e:
+        raise SystemExit(f"cannot resume from {cfg.resume}: {e}") from None
+    loaded.apply()
+    ramda.view.master_loaded()
+    step, position = loaded.step, loaded.meta["position"]
+    task.restore(loaded.trainer, position)
+    if loaded.world_size == acc.num_processes:
+        restore_rng(loaded.trainer[acc.process_index])
+    else:  # no per-rank stream to continue: a fresh, rank- and step-dependent one
+        torch.manual_seed(1_000_003 * step + acc.process_index)
+    return step, position, loaded, ckpt.set_aside_after(step)
+
+
 def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict) -> list[dict]:
     """Run to ``cfg.steps`` optimizer steps (or until SIGTERM); returns the logged rows."""
     ramda = unwrap(opt)
     ckpt = RunCheckpointer(checkpoint_root(cfg.output_dir), cfg.keep_last) if ramda else None
-    step = position = 0
     if cfg.resume and ckpt is None:
         raise SystemExit("resuming needs a ramda_ds optimizer (the AdamW baseline keeps no "
                          "checkpoints)")
@@ -113,30 +135,12 @@ def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict) -> list[dic
     if ckpt and not cfg.resume and ckpt.has_checkpoints():
         raise SystemExit(f"{ckpt.root} holds checkpoints of an earlier run: pass --resume auto "
                          "to continue it, or choose another --output_dir")
-    try:
-        path = ckpt.resolve(cfg.resume) if cfg.resume else None
-        if path is not None:
-            loaded = ckpt.load(path, ramda)  # everything checked on every rank; nothing changed
-            mine = dict(task.meta(), grad_accum=cfg.grad_accum)
-            saved = {k: loaded.meta.get(k) for k in mine}
-            if mine != saved:
-                raise CheckpointError(f"this run's {mine} != the checkpoint's {saved}")
-    except CheckpointError as e:
-        raise SystemExit(f"cannot resume from {cfg.resume}: {e}") from None
-    if path is not None:
-        loaded.apply()
-        ramda.view.master_loaded()
-        step, position = loaded.step, loaded.meta["position"]
-        task.restore(loaded.trainer, position)
-        if loaded.world_size == acc.num_processes:
-            restore_rng(loaded.trainer[acc.process_index])
-        else:  # no per-rank stream to continue: a fresh, rank- and step-dependent one
-            torch.manual_seed(1_000_003 * step + acc.process_index)
-        moved = ckpt.set_aside_after(step)
+    step, position, loaded, moved = _resume(acc, ramda, task, cfg, ckpt) if cfg.resume else \
+        (0, 0, None, [])
     log = RunLogger(cfg.output_dir, cfg.steps, acc.is_main_process, start_step=step)
     if step:
         log.resume(step)
-        log.message(f"resumed from {path} at step {step} ({loaded.world_size} → "
+        log.message(f"resumed from {loaded.path} at step {step} ({loaded.world_size} → "
                     f"{acc.num_processes} processes)")
         if moved:
             log.message(f"checkpoints after step {step} moved to {ckpt.root / 'abandoned'}: {moved}")
