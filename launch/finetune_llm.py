@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from train_lm import (make_accelerator, prepare, read_args, resolve_precision,  # noqa: E402
-                      run_to_end, shard_fsdp2, use_fsdp2, validate_common)
+from train_lm import (corpus, loop_config, read_args, run_to_end, start,  # noqa: E402
+                      validate_common, wrap)
 
 
 @dataclass
@@ -123,11 +123,7 @@ def tokenize(acc, a: FinetuneArgs, vocab: int, out: Path):
     else a SentencePiece model trained on the corpus (ids folded into the model's vocabulary)."""
     from ramda_ds import data
 
-    train_file, valid_file = a.train_file, a.valid_file
-    if not train_file:
-        with acc.local_main_process_first():
-            train_file, valid_file = data.default_corpus(out / "data")
-    valid_file = valid_file or train_file
+    train_file, valid_file = corpus(acc, a, out)
     try:
         from transformers import AutoTokenizer
 
@@ -155,37 +151,21 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM
 
     from ramda_ds.metrics import tensor_sparsity
-    from ramda_ds.sharding import attach
-    from ramda_ds.training.loop import LoopConfig, train, unwrap
+    from ramda_ds.training.loop import train, unwrap
     from ramda_ds.training.tasks import StreamTask
 
-    precision = resolve_precision(a.precision)
-    acc = make_accelerator(a.grad_accum, precision)
-    torch.manual_seed(a.seed)
-    out = Path(a.output_dir)
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+    acc, precision, out = start(a)
     # fp32 master weights whatever the checkpoint's dtype (--precision sets the compute dtype)
     model = AutoModelForCausalLM.from_pretrained(a.model_path, dtype=torch.float32)
-    n_params = sum(p.numel() for p in model.parameters())
     train_ids, valid_ids = tokenize(acc, a, model.config.vocab_size, out)
     task = StreamTask(acc, train_ids, valid_ids, a.batch_size, a.seq_len, causal_lm_forward)
-    fsdp2 = use_fsdp2(a.fsdp2)
-    if fsdp2:
-        blocks = getattr(getattr(model, "model", None), "layers", None) or \
-            getattr(getattr(model, "transformer", None), "h", [])
-        shard_fsdp2(model, blocks, precision)
-    opt = make_optimizer(a, model)
-    model, opt = prepare(acc, model, opt, a, fsdp2)
-    view = attach(opt, model) if a.optimizer != "adamw" else None
-    setup = dict(world_size=acc.num_processes, view=type(view).__name__, model=a.model_path,
-                 distributed_type=acc.distributed_type.name, precision=precision,
-                 optimizer=a.optimizer, params=n_params)
+    blocks = getattr(getattr(model, "model", None), "layers", None) or \
+        getattr(getattr(model, "transformer", None), "h", [])
+    model, opt, setup = wrap(acc, a, model, blocks, precision, make_optimizer)
+    setup["model"] = a.model_path
     # RAMDA's W is an average that is only exactly sparse once c = 1: report its Ŵ, the
     # structure an export would keep
-    loop = LoopConfig(steps=a.steps, output_dir=a.output_dir, grad_accum=a.grad_accum,
-                      grad_clip=a.grad_clip, eval_every=a.eval_every, save_every=a.save_every,
-                      keep_last=a.keep_last, resume=a.resume, structured=a.optimizer == "ramda")
+    loop = loop_config(a, structured=a.optimizer == "ramda")
 
     def run():
         rows = train(acc, model, opt, task, loop, setup)

@@ -190,30 +190,69 @@ def _finish(acc) -> None:
     acc.end_training()
 
 
-def main(argv=None):
-    a = parse_args(argv)
-    from ramda_ds import data
-    from ramda_ds.models import TransfoXLConfig, TransfoXLLM
-    from ramda_ds.sharding import attach
-    from ramda_ds.training.loop import LoopConfig, train
-    from ramda_ds.training.tasks import StreamTask
-
+def start(a):
+    """Accelerator, resolved precision and output directory of a run (seeded)."""
     precision = resolve_precision(a.precision)
     acc = make_accelerator(a.grad_accum, precision)
     torch.manual_seed(a.seed)
     out = Path(a.output_dir)
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-    train_file, valid_file = a.train_file, a.valid_file
-    if not train_file:
-        with acc.local_main_process_first():
-            train_file, valid_file = data.default_corpus(out / "data")
+    return acc, precision, out
+
+
+def corpus(acc, a, out: Path) -> tuple[str, str]:
+    """(train, valid) sources: the given ones, or Python's bundled docs written to out/data."""
+    from ramda_ds import data
+
+    if a.train_file:
+        return a.train_file, a.valid_file or a.train_file
+    with acc.local_main_process_first():
+        return tuple(data.default_corpus(out / "data"))
+
+
+def wrap(acc, a, model, blocks, precision, make_opt):
+    """FSDP2 (before the optimizer) or accelerate.prepare, then the ramda_ds view; returns
+    (model, optimizer, setup row)."""
+    from ramda_ds.sharding import attach
+
+    n_params = sum(p.numel() for p in model.parameters())
+    fsdp2 = use_fsdp2(a.fsdp2)
+    if fsdp2:
+        shard_fsdp2(model, blocks, precision)
+    opt = make_opt(a, model)
+    model, opt = prepare(acc, model, opt, a, fsdp2)
+    view = attach(opt, model) if a.optimizer != "adamw" else None
+    setup = dict(world_size=acc.num_processes, view=type(view).__name__,
+                 distributed_type=acc.distributed_type.name, precision=precision,
+                 optimizer=a.optimizer, params=n_params,
+                 dtensor_params=sum(type(p).__name__ == "DTensor" for p in model.parameters()))
+    return model, opt, setup
+
+
+def loop_config(a, **extra):
+    from ramda_ds.training.loop import LoopConfig
+
+    return LoopConfig(steps=a.steps, output_dir=a.output_dir, grad_accum=a.grad_accum,
+                      grad_clip=a.grad_clip, eval_every=a.eval_every, save_every=a.save_every,
+                      keep_last=a.keep_last, resume=a.resume, **extra)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    from ramda_ds import data
+    from ramda_ds.models import TransfoXLConfig, TransfoXLLM
+    from ramda_ds.training.loop import train
+    from ramda_ds.training.tasks import StreamTask
+
+    acc, precision, out = start(a)
+    train_file, valid_file = corpus(acc, a, out)
     tok = a.tokenizer
     if not tok:
         with acc.local_main_process_first():
             tok = data.train_tokenizer(train_file, str(out / "data" / f"sp{a.vocab_size}"), a.vocab_size)
     train_ids = data.encode(data.load_lines(train_file), tok)
-    valid_ids = data.encode(data.load_lines(valid_file or train_file), tok)
+    valid_ids = data.encode(data.load_lines(valid_file), tok)
     import sentencepiece as spm
 
     vocab = spm.SentencePieceProcessor(model_file=tok).vocab_size()
@@ -221,21 +260,9 @@ def main(argv=None):
     if a.dropout >= 0:
         cfg.dropout = a.dropout
     model = TransfoXLLM(cfg)
-    n_params = sum(p.numel() for p in model.parameters())
     task = StreamTask(acc, train_ids, valid_ids, a.batch_size, cfg.tgt_len, txl_forward)
-    fsdp2 = use_fsdp2(a.fsdp2)
-    if fsdp2:
-        shard_fsdp2(model, model.layers, precision)
-    opt = make_optimizer(a, model)
-    model, opt = prepare(acc, model, opt, a, fsdp2)
-    view = attach(opt, model) if a.optimizer != "adamw" else None
-    setup = dict(world_size=acc.num_processes, view=type(view).__name__,
-                 distributed_type=acc.distributed_type.name, precision=precision,
-                 optimizer=a.optimizer, params=n_params,
-                 dtensor_params=sum(type(p).__name__ == "DTensor" for p in model.parameters()))
-    loop = LoopConfig(steps=a.steps, output_dir=a.output_dir, grad_accum=a.grad_accum,
-                      grad_clip=a.grad_clip, eval_every=a.eval_every, save_every=a.save_every,
-                      keep_last=a.keep_last, resume=a.resume)
+    model, opt, setup = wrap(acc, a, model, model.layers, precision, make_optimizer)
+    loop = loop_config(a)
     rows = run_to_end(acc, lambda: train(acc, model, opt, task, loop, setup))
     return rows
 
