@@ -20,7 +20,7 @@ demo: setup
 	$(VENV)/bin/python launch/train_lm.py --output_dir runs/demo
 
 demo-mlp: setup
-	$(VENV)/bin/python -m ramda_ds.demo
+	$(VENV)/bin/python -m ramda_ds.training.demo
 
 test: setup
 	$(VENV)/bin/python -m pytest tests

@@ -15,16 +15,13 @@ default units. Training, metrics and checkpoints (``--save_every``, ``--resume a
 from __future__ import annotations
 
 import json
-import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from train_lm import (corpus, loop_config, read_args, run_to_end, start,  # noqa: E402
-                      validate_common, wrap)
+from ramda_ds.training.launch import (corpus, loop_config, read_args, run_to_end, start,
+                                      validate_common, wrap)
 
 
 @dataclass
@@ -103,25 +100,21 @@ def unit_patterns(model, a: FinetuneArgs) -> dict[str, str]:
     return rules
 
 
-def make_optimizer(a: FinetuneArgs, model):
-    from ramda_ds.optim import RAMDA, RMDA, ProxGen, ProxSGD
+def unit_groups(a: FinetuneArgs):
+    """The prunable units (``unit_patterns``) regularized, everything else free."""
     from ramda_ds.param_groups import build_param_groups
 
-    if a.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=a.lr)
-    rules = unit_patterns(model, a)
-    groups = build_param_groups(model, "group_lasso", lam=a.lam, include=list(rules), grouping=rules)
-    kw = dict(lr=a.lr, milestones=tuple(int(m) for m in a.milestones.split(",") if m))
-    return {"ramda": lambda: RAMDA(groups, momentum=a.momentum, keep_structured=True, **kw),
-            "rmda": lambda: RMDA(groups, momentum=a.momentum, **kw),
-            "proxsgd": lambda: ProxSGD(groups, momentum=a.momentum, **kw),
-            "proxgen": lambda: ProxGen(groups, **kw)}[a.optimizer]()
+    def groups_of(model):
+        rules = unit_patterns(model, a)
+        return build_param_groups(model, "group_lasso", lam=a.lam, include=list(rules),
+                                  grouping=rules)
+    return groups_of
 
 
 def tokenize(acc, a: FinetuneArgs, vocab: int, out: Path):
     """Token ids of the train and validation text: the checkpoint's tokenizer if it has one,
     else a SentencePiece model trained on the corpus (ids folded into the model's vocabulary)."""
-    from ramda_ds import data
+    from ramda_ds.training import data
 
     train_file, valid_file = corpus(acc, a, out)
     try:
@@ -161,7 +154,8 @@ def main(argv=None):
     task = StreamTask(acc, train_ids, valid_ids, a.batch_size, a.seq_len, causal_lm_forward)
     blocks = getattr(getattr(model, "model", None), "layers", None) or \
         getattr(getattr(model, "transformer", None), "h", [])
-    model, opt, setup = wrap(acc, a, model, blocks, precision, make_optimizer)
+    model, opt, setup = wrap(acc, a, model, blocks, precision, unit_groups(a),
+                             keep_structured=a.optimizer == "ramda")
     setup["model"] = a.model_path
     # RAMDA's W is an average that is only exactly sparse once c = 1: report its Ŵ, the
     # structure an export would keep

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ramda_ds import data
+from ramda_ds.training import data
 
 
 def test_local_dataset_directory_through_the_hf_spec(tmp_path):

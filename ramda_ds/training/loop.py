@@ -18,7 +18,7 @@ from typing import Iterator, Protocol
 import torch
 
 from ..checkpoint import CheckpointError
-from ..comm import world_sum_
+from .world import world_sum_
 from .run_checkpoint import RunCheckpointer, restore_rng, rng_state
 from .run_logger import RunLogger
 

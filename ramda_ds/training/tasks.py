@@ -7,8 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import data
-from ..comm import world_sum_
+from . import data
+from .world import world_sum_
 
 
 class StreamTask:

@@ -1,4 +1,4 @@
-"""A one-minute demo of structured sparsity on CPU: ``python -m ramda_ds.demo``.
+"""A one-minute demo of structured sparsity on CPU: ``python -m ramda_ds.training.demo``.
 
 A 2-layer MLP classifies synthetic data whose label depends on 12 of 64 input features. RAMDA with
 input-wise group lasso on both Linear weights removes the irrelevant input features (columns of
@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .metrics import tensor_sparsity, weighted_group_sparsity
-from .optim import RAMDA
-from .param_groups import build_param_groups
+from ..metrics import tensor_sparsity, weighted_group_sparsity
+from ..optim import RAMDA
+from ..param_groups import build_param_groups
 
 
 def make_data(n=6000, d=64, informative=12, classes=5, seed=0):

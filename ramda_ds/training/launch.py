@@ -1,0 +1,199 @@
+"""What the launch scripts share: arguments, checks, the optimizer, the accelerator, wrapping
+(FSDP2 / DeepSpeed / DDP + the ramda_ds view), the loop's configuration and a clean exit.
+
+``launch/train_lm.py`` and ``launch/finetune_llm.py`` are thin entry points on top of this.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+OPTIMIZERS = ("ramda", "proxgen", "rmda", "proxsgd", "adamw")
+
+
+def parse_milestones(text: str) -> tuple[int, ...]:
+    """``"100,200"`` → ``(100, 200)``."""
+    return tuple(int(m) for m in text.split(",") if m.strip())
+
+
+def make_optimizer(a, model, groups_of, keep_structured: bool = False):
+    """The optimizer named by ``a.optimizer``; ``groups_of(model)`` builds its param groups.
+
+    ``a`` carries lr, momentum, milestones and (optionally) solver. ``keep_structured`` keeps
+    RAMDA's Ŵ in the state (for Ŵ metrics and export).
+    """
+    from ..optim import RAMDA, RMDA, ProxGen, ProxSGD
+
+    if a.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=a.lr)
+    groups = groups_of(model)
+    kw = dict(lr=a.lr, milestones=parse_milestones(a.milestones))
+    solver = getattr(a, "solver", "pg")
+    if a.optimizer == "ramda":
+        return RAMDA(groups, momentum=a.momentum, solver=solver, keep_structured=keep_structured,
+                     **kw)
+    if a.optimizer == "rmda":
+        return RMDA(groups, momentum=a.momentum, **kw)
+    if a.optimizer == "proxsgd":
+        return ProxSGD(groups, momentum=a.momentum, **kw)
+    return ProxGen(groups, solver=solver, **kw)
+
+
+def read_args(cls, argv=None):
+    """A ``cls`` dataclass from the command line, or from one YAML file given as the only argument."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(cls)
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
+        (args,) = parser.parse_yaml_file(argv[0])
+    else:
+        (args,) = parser.parse_args_into_dataclasses(argv)
+    return args
+
+
+def validate_common(a, files) -> None:
+    """The checks both scripts share; fail before any process group starts, naming the problem."""
+    if a.optimizer not in OPTIMIZERS:
+        raise SystemExit(f"unknown optimizer {a.optimizer!r}; choose one of {OPTIMIZERS}")
+    if a.lam < 0:
+        raise SystemExit(f"lam must be >= 0, got {a.lam}")
+    for f in files:
+        if f and not f.startswith("hf:") and not Path(f).exists():
+            raise SystemExit(f"file not found: {f}")
+    if a.steps < 1 or a.batch_size < 1 or a.grad_accum < 1 or a.eval_every < 1 or a.keep_last < 1:
+        raise SystemExit("steps, batch_size, grad_accum, eval_every and keep_last must be >= 1")
+    if a.precision not in ("auto", "bf16", "no"):
+        raise SystemExit(f"precision must be auto, bf16 or no, got {a.precision!r}")
+    if a.resume and a.resume != "auto" and not Path(a.resume).exists():
+        raise SystemExit(f"checkpoint not found: {a.resume}")
+    if a.resume and a.optimizer == "adamw":
+        raise SystemExit("resuming needs a ramda_ds optimizer; the AdamW baseline keeps no checkpoints")
+
+
+def resolve_precision(p: str) -> str:
+    """``auto``: bf16 where the GPU supports it, fp32 otherwise (CPU)."""
+    if p == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return p
+
+
+def make_accelerator(grad_accum: int, precision: str):
+    """Accelerator on gloo for multi-process CPU runs, without DeepSpeed's CPU shm build."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        # DeepSpeed JIT-builds a shared-memory comm op on CPU (~30 s, /dev/shm leftovers); gloo
+        # needs none of it and the results are identical.
+        import importlib
+
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda *a, **k: None
+    kwargs = [InitProcessGroupKwargs(backend="gloo")] if multi and not torch.cuda.is_available() else []
+    return Accelerator(gradient_accumulation_steps=grad_accum, mixed_precision=precision,
+                       kwargs_handlers=kwargs)
+
+
+def shard_fsdp2(model, blocks, precision: str) -> None:
+    """FSDP2 applied here, per block then the root (accelerate skips its FSDP plugin on CPU).
+    Replaces the parameters by DTensors: build the optimizer afterwards."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if precision == "bf16" else MixedPrecisionPolicy()
+    for block in blocks:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+def use_fsdp2(flag: bool) -> bool:
+    """--fsdp2, or an accelerate FSDP config (configs/accelerate/fsdp2.yaml)."""
+    return flag or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+
+
+def prepare(acc, model, opt, a, fsdp2: bool):
+    """accelerate.prepare (DDP / DeepSpeed); an FSDP2-sharded model is used as it is."""
+    if fsdp2:
+        return model, opt
+    ds = acc.state.deepspeed_plugin
+    if ds is not None:  # no dataloader to infer from; clipping is DeepSpeed's (default would be 1.0)
+        ds.deepspeed_config.update(train_micro_batch_size_per_gpu=a.batch_size,
+                                   gradient_clipping=a.grad_clip, zero_allow_untested_optimizer=True)
+    return acc.prepare(model, opt)
+
+
+def run_to_end(acc, fn):
+    """``fn()``, then every rank meets before the process group goes (gloo aborts a process whose
+    peer left first). Also after a SIGTERM checkpoint (all ranks stop together); not after an
+    error, where waiting for peers would hide the failure from the launcher."""
+    from .loop import PREEMPTED_EXIT
+
+    try:
+        out = fn()
+    except SystemExit as e:
+        if e.code == PREEMPTED_EXIT:
+            _finish(acc)
+        raise
+    _finish(acc)
+    return out
+
+
+def _finish(acc) -> None:
+    from .world import world_barrier
+
+    world_barrier()
+    acc.end_training()
+
+
+def start(a):
+    """Accelerator, resolved precision and output directory of a run (seeded)."""
+    precision = resolve_precision(a.precision)
+    acc = make_accelerator(a.grad_accum, precision)
+    torch.manual_seed(a.seed)
+    out = Path(a.output_dir)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+    return acc, precision, out
+
+
+def corpus(acc, a, out: Path) -> tuple[str, str]:
+    """(train, valid) sources: the given ones, or Python's bundled docs written to out/data."""
+    from . import data
+
+    if a.train_file:
+        return a.train_file, a.valid_file or a.train_file
+    with acc.local_main_process_first():
+        return tuple(data.default_corpus(out / "data"))
+
+
+def wrap(acc, a, model, blocks, precision, groups_of, keep_structured: bool = False):
+    """FSDP2 (before the optimizer) or accelerate.prepare, then the ramda_ds view; returns
+    (model, optimizer, setup row). ``groups_of(model)`` builds the param groups (after FSDP2 has
+    replaced the parameters)."""
+    from ..sharding import attach
+
+    n_params = sum(p.numel() for p in model.parameters())
+    fsdp2 = use_fsdp2(a.fsdp2)
+    if fsdp2:
+        shard_fsdp2(model, blocks, precision)
+    opt = make_optimizer(a, model, groups_of, keep_structured)
+    model, opt = prepare(acc, model, opt, a, fsdp2)
+    view = attach(opt, model) if a.optimizer != "adamw" else None
+    setup = dict(world_size=acc.num_processes, view=type(view).__name__,
+                 distributed_type=acc.distributed_type.name, precision=precision,
+                 optimizer=a.optimizer, params=n_params,
+                 dtensor_params=sum(type(p).__name__ == "DTensor" for p in model.parameters()))
+    return model, opt, setup
+
+
+def loop_config(a, **extra):
+    from .loop import LoopConfig
+
+    return LoopConfig(steps=a.steps, output_dir=a.output_dir, grad_accum=a.grad_accum,
+                      grad_clip=a.grad_clip, eval_every=a.eval_every, save_every=a.save_every,
+                      keep_last=a.keep_last, resume=a.resume, **extra)
