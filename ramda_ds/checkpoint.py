@@ -261,6 +261,7 @@ def plan_load(optimizer, files):
                 local.copy_(lp.view(local.shape))
             for key, (value, _) in scalars.items():
                 st[key].fill_(value)
+        view.after_load()  # e.g. ZeRO's bit16 copies of the master weights
     return apply
 
 

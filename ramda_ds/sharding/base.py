@@ -82,7 +82,7 @@ class Unsharded:
             for k, p in enumerate(group["params"]):
                 yield p, group, k
 
-    def master_loaded(self) -> None:
+    def after_load(self) -> None:
         """Master weights were overwritten (checkpoint load): refresh any copies the model uses."""
 
     def wrap_state(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

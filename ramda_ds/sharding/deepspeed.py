@@ -38,7 +38,7 @@ class ZeroFlatView(ShardedView):
             out.append(dict(name=self.name(lp), shape=tuple(lp.shape), lo=lo, hi=hi, start=start))
         return out
 
-    def master_loaded(self):
+    def after_load(self):
         """bit16 params ← fp32 partitions, all-gathered (what DeepSpeed does after a step)."""
         self.zero.update_lp_params()
 
@@ -70,7 +70,7 @@ class Zero3View(ShardedView):
         for i, flat in enumerate(self.zero.fp32_partitioned_groups_flat):
             yield flat, optimizer.param_groups[self.zero.sub_group_to_group_id[i]], 0
 
-    def master_loaded(self):
+    def after_load(self):
         """bit16 partitions (``ds_tensor``) ← fp32 partitions; gathered at the next forward.
 
         Parameters already gathered (ZeRO-3 keeps small "persistent" ones after a forward) would

@@ -112,7 +112,6 @@ def _resume(acc, ramda, task: Task, cfg: LoopConfig, ckpt: RunCheckpointer):
     except CheckpointError as e:
         raise SystemExit(f"cannot resume from {cfg.resume}: {e}") from None
     loaded.apply()
-    ramda.view.master_loaded()
     step, position = loaded.step, loaded.meta["position"]
     task.restore(loaded.trainer, position)
     if loaded.world_size == acc.num_processes:
