@@ -113,9 +113,9 @@ def optimizer_configs(spec, lam):
     return [
         (REF, lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3, foreach=True)),
         ("AdamW(default)", lambda m: torch.optim.AdamW(m.parameters(), lr=1e-3)),
-        ("MADGRAD (RAMDA λ=0)", lambda m: RAMDA(m.parameters(), lr=lr, momentum=0.1)),
-        ("RAMDA+PG", lambda m: RAMDA(spec.groups(m, lam), lr=lr, momentum=0.1, solver="pg")),
-        ("RAMDA+exact", lambda m: RAMDA(spec.groups(m, lam), lr=lr, momentum=0.1, solver="exact")),
+        ("MADGRAD (RAMDA λ=0)", lambda m: RAMDA(m.parameters(), lr=lr, c=0.1)),
+        ("RAMDA+PG", lambda m: RAMDA(spec.groups(m, lam), lr=lr, c=0.1, solver="pg")),
+        ("RAMDA+exact", lambda m: RAMDA(spec.groups(m, lam), lr=lr, c=0.1, solver="exact")),
         ("ProxGen+PG", lambda m: ProxGen(spec.groups(m, lam), lr=1e-3, solver="pg")),
     ]
 

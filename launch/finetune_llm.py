@@ -22,6 +22,7 @@ import torch
 
 from ramda_ds.training.launch import (corpus, loop_config, read_args, run_to_end, start,
                                       validate_common, wrap)
+from ramda_ds.training.run_checkpoint import KEEP_LAST
 
 
 @dataclass
@@ -44,7 +45,7 @@ class FinetuneArgs:
     steps: int = 100
     eval_every: int = 50
     save_every: int = 0
-    keep_last: int = 2
+    keep_last: int = KEEP_LAST
     resume: str = ""
     precision: str = "auto"
     fsdp2: bool = False

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from ramda_ds.training.launch import (OPTIMIZERS, corpus, loop_config, read_args, run_to_end, start,
                                       validate_common, wrap)
+from ramda_ds.training.run_checkpoint import KEEP_LAST
 
 
 @dataclass
@@ -41,7 +42,7 @@ class RunArgs:
     grad_accum: int = 1
     eval_every: int = 100
     save_every: int = field(default=200, metadata={"help": "checkpoint period; 0: end/SIGTERM only"})
-    keep_last: int = 2
+    keep_last: int = KEEP_LAST
     resume: str = field(default="", metadata={"help": "'auto' (latest checkpoint) or a directory"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on a bf16 GPU) | bf16 | no"})
     fsdp2: bool = False

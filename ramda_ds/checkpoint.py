@@ -23,6 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .layout import ColumnBlock, fragments, region
+
 MARKER = "COMPLETE"
 
 
@@ -36,15 +38,6 @@ def _dist():
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
-def _local_tensors(optimizer, p):
-    view = optimizer.view
-    out = {"param": view.local(p.detach()).reshape(-1)}
-    for key, v in optimizer.state.get(p, {}).items():
-        if torch.is_tensor(v):
-            out[key] = view.local(v).reshape(-1) if v.dim() else v
-    return out
-
-
 def write_shard(optimizer, file: Path, writer: bool = True) -> None:
     """Write this rank's fragments (master weights and state) to ``file`` via ``*.tmp`` + rename.
 
@@ -52,23 +45,15 @@ def write_shard(optimizer, file: Path, writer: bool = True) -> None:
     rank 0's file already holds everything.
     """
     tensors, meta = {}, []
-    view = optimizer.view
-    for p, group, k in (view.handed(optimizer) if writer else ()):
-        local = _local_tensors(optimizer, p)
-        for seg in view.segments(p, group, k):
-            if not seg.numel:
-                continue
-            i = len(meta)
-            entry = dict(name=seg.name, shape=list(seg.shape), start=seg.start, numel=seg.numel,
-                         block=list(seg.column_block) if seg.column_block else None, keys=[],
-                         scalars={})
-            for key, v in local.items():
-                if v.dim():
-                    tensors[f"{i}/{key}"] = v[seg.lo:seg.hi].detach().cpu().contiguous()
-                    entry["keys"].append(key)
-                else:
-                    entry["scalars"][key] = [v.item(), str(v.dtype).removeprefix("torch.")]
-            meta.append(entry)
+    for i, frag in enumerate(fragments(optimizer) if writer else ()):
+        seg = frag.seg
+        for key, v in frag.tensors.items():
+            tensors[f"{i}/{key}"] = v.detach().cpu().contiguous()
+        meta.append(dict(name=seg.name, shape=list(seg.shape), start=seg.start, numel=seg.numel,
+                         block=seg.column_block.as_list() if seg.column_block else None,
+                         keys=list(frag.tensors),
+                         scalars={k: [v.item(), str(v.dtype).removeprefix("torch.")]
+                                  for k, v in frag.scalars.items()}))
     file = Path(file)
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.with_name(file.name + ".tmp")
@@ -76,7 +61,7 @@ def write_shard(optimizer, file: Path, writer: bool = True) -> None:
     os.replace(tmp, file)
 
 
-class Fragments:
+class SavedFragments:
     """Index of the fragments in shard files, from their metadata; tensors are read on demand and
     only the ranges a rank needs (a 7B checkpoint is not loaded whole into every rank)."""
 
@@ -117,13 +102,9 @@ class Fragments:
         for entry, f, i in pieces:
             t = self.read(f, i, key)
             full = torch.zeros(numel, dtype=t.dtype) if full is None else full
-            if entry["block"] is None:
-                full[entry["start"]:entry["start"] + entry["numel"]] = t
-                covered[entry["start"]:entry["start"] + entry["numel"]] = True
-            else:  # a column block [:, c0:c0+n, :] (FSDP2 Shard(1))
-                R, c0, n, K = entry["block"]
-                full.view(R, -1, K)[:, c0:c0 + n, :] = t.view(R, n, K)
-                covered.view(R, -1, K)[:, c0:c0 + n, :] = True
+            r = _region(full, entry)
+            r.copy_(t.view(r.shape))
+            _region(covered, entry).fill_(True)
         _check_covered(covered, name, key)
         return full
 
@@ -133,17 +114,8 @@ class Fragments:
         if seg.column_block is not None or any(e["block"] is not None for e, _, _ in pieces):
             full = torch.zeros(math.prod(seg.shape), dtype=torch.bool)
             for entry, _, _ in pieces:
-                if entry["block"] is None:
-                    full[entry["start"]:entry["start"] + entry["numel"]] = True
-                else:
-                    R, c0, n, K = entry["block"]
-                    full.view(R, -1, K)[:, c0:c0 + n, :] = True
-            if seg.column_block is None:
-                need = full[seg.start:seg.start + seg.numel]
-            else:
-                R, c0, n, K = seg.column_block
-                need = full.view(R, -1, K)[:, c0:c0 + n, :]
-            ok = bool(need.all())
+                _region(full, entry).fill_(True)
+            ok = bool(seg.region(full).all())
         else:
             ok = _ranges_cover(seg.start, seg.start + seg.numel,
                                [(e["start"], e["start"] + e["numel"]) for e, _, _ in pieces])
@@ -156,11 +128,7 @@ class Fragments:
         fragments, or a column block cut from the whole tensor."""
         pieces = self.by_name[seg.name]
         if seg.column_block is not None or any(e["block"] is not None for e, _, _ in pieces):
-            full = self.whole(seg.name, key)
-            if seg.column_block is None:
-                return full[seg.start:seg.start + seg.numel]
-            R, c0, n, K = seg.column_block
-            return full.view(R, -1, K)[:, c0:c0 + n, :].reshape(-1)
+            return seg.take(self.whole(seg.name, key))
         lo, hi = seg.start, seg.start + seg.numel
         out, covered = None, torch.zeros(hi - lo, dtype=torch.bool)
         for entry, f, i in pieces:
@@ -172,6 +140,12 @@ class Fragments:
                 covered[a - lo:b - lo] = True
         _check_covered(covered, seg.name, key)
         return out
+
+
+def _region(full: torch.Tensor, entry: dict) -> torch.Tensor:
+    """Where a saved fragment sits in the flat whole tensor ``full``."""
+    block = ColumnBlock(*entry["block"]) if entry["block"] is not None else None
+    return region(full, entry["start"], entry["numel"], block)
 
 
 def _ranges_cover(lo: int, hi: int, ranges) -> bool:
@@ -191,19 +165,13 @@ def _check_covered(covered, name, key):
 
 def full_state(files) -> dict[str, dict[str, torch.Tensor]]:
     """Every parameter's whole tensors ``{name: {"param": W, "grad_sum": V, ...}}`` (export, tests)."""
-    frags, out = Fragments(files), {}
+    frags, out = SavedFragments(files), {}
     for name, pieces in frags.by_name.items():
         shape = pieces[0][0]["shape"]
         out[name] = {k: frags.whole(name, k).view(shape) for k in sorted(frags.keys(name))}
         for key, (value, dtype) in pieces[0][0]["scalars"].items():
             out[name][key] = torch.tensor(value, dtype=getattr(torch, dtype))
     return out
-
-
-def state_keys(optimizer) -> set[str]:
-    """The per-element state keys this optimizer creates (from an empty dry run), plus ``param``."""
-    e = torch.zeros(0)
-    return {"param"} | {k for k, v in optimizer._init_state(e, e).items() if v.dim()}
 
 
 def plan_load(optimizer, files):
@@ -215,10 +183,10 @@ def plan_load(optimizer, files):
     before ``apply()``. Segments are built first for all tensors, so that the collectives of a
     sharded view run on every rank before any rank can raise.
     """
-    frags = Fragments(files)
-    keys = state_keys(optimizer)
+    frags = SavedFragments(files)
+    keys = {"param"} | optimizer.state_keys()
     view = optimizer.view
-    handed = [(p, group, view.segments(p, group, k)) for p, group, k in view.handed(optimizer)]
+    handed = [(p, group, view.segments(p, group, k)) for p, group, k in view.tensors(optimizer)]
     plan = []  # (p, [(seg, keys to copy)], scalars)
     for p, group, segs in handed:
         copies, scalars = [], {}
@@ -248,13 +216,11 @@ def plan_load(optimizer, files):
             local = view.local(p.detach())
             lp = local.reshape(-1)  # a copy when the layout is not contiguous (channels_last)
             # state also for an empty local shard: its step and α must match the other ranks'
-            st = optimizer._state(p, lp, torch.zeros_like(
-                lp, dtype=torch.float32 if lp.dtype != torch.float64 else lp.dtype))
+            st = optimizer.local_state(p, lp)
             for seg, seg_keys in copies:
                 for key in seg_keys:
                     if key != "param" and key not in st:  # optional state, made by a step
-                        optimizer.state[p][key] = view.wrap_state(p, torch.zeros_like(st["grad_sum"]))
-                        st[key] = view.local(optimizer.state[p][key]).view(-1)
+                        st[key] = optimizer.add_state(p, key)
                     target = lp if key == "param" else st[key]
                     target[seg.lo:seg.hi].copy_(frags.segment(seg, key))
             if lp.numel() and lp.data_ptr() != local.data_ptr():

@@ -7,10 +7,12 @@ Each :class:`Subproblem` is one tensor (or one rank's flat segment of it):
 
 with diagonal ``P > 0``.  Writing ``b = P∘W0 − V``, the smooth part is ``½ΣPZ² − ΣbZ + const``
 with ``const = Σ(½PW0² − VW0)``.  The Q that PG's stop test and the statistics use is summed over
-the groups that survive screening only (the screened ones are fixed at 0).  All functions take a list of subproblems and solve them
-together (one host synchronisation per iteration, not per tensor).  Partial per-group sums of
-groups that span shards are combined by one ``comm.sum_`` per iteration; unsharded runs pass
-:data:`ramda_ds.comm.LOCAL` and communicate nothing.
+the groups that survive screening only (the screened ones are fixed at 0).  :func:`solve_pg` and
+:func:`solve_exact` take a list of subproblems and solve them together (one host synchronisation
+per iteration, not per tensor); partial per-group sums of groups that span shards are combined by
+one ``comm.sum_`` per iteration, and unsharded runs pass :data:`ramda_ds.comm.LOCAL` and
+communicate nothing.  The closed form :func:`solve_l1` and :func:`solve_nuclear_pg` take one
+whole (unsharded for the nuclear norm) subproblem.
 
 * :func:`solve_pg` — Alg. 2: exact screening, warm start, per-group step ``1/max P_g``, early stop
   on the relative decrease of Q (≥ 2 iterations) or on the inexactness condition (7).
@@ -29,23 +31,9 @@ import torch
 
 from .comm import LOCAL, Reducer
 from .groups import SegmentGroups
+from .layout import Span
 
 F64 = torch.float64
-
-
-@dataclass
-class Span:
-    """Where this segment's groups that cross shards sit in the step's reduction buffer.
-
-    ``local_idx[i]`` (local group index) maps to position ``global_pos[i]`` in a block of
-    ``count`` slots that every rank agrees on.  ``owned`` marks the local groups whose objective
-    and counts this rank reports (each group is owned by exactly one rank).
-    """
-
-    local_idx: torch.Tensor
-    global_pos: torch.Tensor
-    count: int
-    owned: torch.Tensor
 
 
 @dataclass
@@ -139,17 +127,19 @@ def _group_extremes(comm, probs, want_min=False):
 
 # ----------------------------------------------------------------------------- PG (Alg. 2)
 def solve_pg(probs: list[Subproblem], comm: Reducer = LOCAL, max_iters: int = 100,
-             rtol: float = 1e-8, residual_tol: float | None = None) -> list[SolverStats]:
+             rtol: float = 1e-8, residual_tol: float | list[float] | None = None) -> list[SolverStats]:
     """Screening + proximal gradient; stops each tensor on its own rule, identically on all ranks.
 
     Stop rule: after iteration ``j ≥ 2`` when ``(Q(Z^{j−1}) − Q(Z^j)) / (|Q(Z^j)| + 1) < rtol``;
     with ``residual_tol`` set, instead when condition (7) holds: ``‖s^j‖ ≤ residual_tol`` where
     ``s^j = (Z^{j−1} − Z^j)∘(1/η_g − P) ∈ ∂Q(Z^j)``.  (The other half of (7),
     ``Q(Ẑ) ≤ Q(W_{t−1})``, always holds: screening zeroes groups whose separable optimum is 0 and
-    PG with step ``1/max P_g`` is monotone.)
+    PG with step ``1/max P_g`` is monotone.)  ``residual_tol`` may be one value per problem.
     """
     if max_iters < 1:
         raise ValueError(f"max_iters must be >= 1, got {max_iters}")
+    if residual_tol is not None and not isinstance(residual_tol, (list, tuple)):
+        residual_tol = [residual_tol] * len(probs)
     norms, active = _screen(comm, probs)
     pmax, _ = _group_extremes(comm, probs)
     S = []  # per-problem solver state
@@ -210,7 +200,7 @@ def _decide(S, idx, vals, j, rtol, residual_tol):
         s = S[i]
         s["q"].append(q)
         if residual_tol is not None:
-            stop = math.sqrt(max(res, 0.0)) <= residual_tol
+            stop = math.sqrt(max(res, 0.0)) <= residual_tol[i]
         else:
             stop = j >= 2 and (s["q"][-2] - q) / (abs(q) + 1.0) < rtol
         if stop:

@@ -348,3 +348,140 @@ def test_bf16_parameters_keep_fp32_state_through_a_state_dict_round_trip(name, t
         m(x).float().square().mean().backward()
         o.step()
     assert torch.equal(m1.weight, m2.weight)
+
+
+# ---------------------------------------------------------------- review fixes (issue 8)
+def test_add_param_group_validates_solver_settings_before_any_step():
+    opt = RAMDA([nn.Parameter(torch.randn(4, 6))], lr=0.1)
+    with pytest.raises(ValueError, match="max_iters must be an int >= 1"):
+        opt.add_param_group(dict(params=[nn.Parameter(torch.randn(3, 3))], max_iters=-5))
+    assert len(opt.param_groups) == 1  # the bad group was not kept
+
+
+def test_state_dict_param_groups_hold_no_private_keys():
+    model = small_model()
+    opt = RAMDA(build_param_groups(model, "group_lasso", lam=1e-3))
+    train(model, opt, batches(2))
+    for g in opt.state_dict()["param_groups"]:
+        assert not [k for k in g if k.startswith("_")], g.keys()
+
+
+def test_unnamed_params_get_names_and_shapes_once():
+    a, b = nn.Parameter(torch.randn(4, 6)), nn.Parameter(torch.randn(3, 2))
+    opt = RAMDA([dict(params=[a]), dict(params=[b], lam=1e-3, regularizer="group_lasso")])
+    assert [g["param_names"] for g in opt.param_groups] == [["param_groups[0][0]"], ["param_groups[1][0]"]]
+    assert opt.param_groups[1]["param_shapes"] == [(3, 2)]
+    named = RAMDA([("fc.weight", a)])
+    assert named.param_groups[0]["param_names"] == ["fc.weight"]
+
+
+def _eps0_run(params, eps0, steps, uses_b, opt_cls=RAMDA, **kw):
+    """Steps with gradients of sum(A x)² (+ B's only from step ``uses_b`` on)."""
+    opt = opt_cls([dict(params=params, param_names=[f"p{i}" for i in range(len(params))])],
+                  regularizer="group_lasso", lam=2e-2, inexact_eps0=eps0, **kw)
+    g = torch.Generator().manual_seed(1)
+    stats = []
+    for t in range(1, steps + 1):
+        opt.zero_grad()
+        x = torch.randn(8, 6, generator=g)
+        loss = (x @ params[0].T).pow(2).sum()
+        if len(params) > 1 and t >= uses_b:
+            loss = loss + (x @ params[1].T).sin().sum()
+        loss.backward()
+        opt.step()
+        stats.append(dict(opt.last_stats))
+    return stats
+
+
+def test_inexact_tolerance_uses_each_tensors_own_stage_step():
+    """ε_t = ε0/t with t the tensor's own step: A (stepped 6 times) and B (gradients from step 4
+    on, so 3 steps) in one group solve exactly as each does alone."""
+    torch.manual_seed(0)
+    A0, B0 = torch.randn(5, 6), torch.randn(5, 6)
+    both = [nn.Parameter(A0.clone()), nn.Parameter(B0.clone())]
+    s_both = _eps0_run(both, 0.3, 6, uses_b=4, lr=0.1)
+    alone = [nn.Parameter(A0.clone())]
+    s_alone = _eps0_run(alone, 0.3, 6, uses_b=99, lr=0.1)
+    assert [s["p0"].iterations for s in s_both] == [s["p0"].iterations for s in s_alone]
+    assert torch.equal(both[0].detach(), alone[0].detach())
+    for t, s in enumerate(s_both, start=1):
+        st = s["p0"]
+        assert st.iterations == 100 or st.residual <= 0.3 / t
+
+
+def test_proxgen_inexact_tolerance_decays_as_eps0_over_t():
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(5, 6))]
+    for t, s in enumerate(_eps0_run(params, 0.5, 8, uses_b=99, opt_cls=ProxGen, lr=0.05), start=1):
+        st = s["p0"]
+        assert st.iterations == 100 or st.residual <= 0.5 / t, (t, st)
+
+
+def _subproblem_of(opt, p):
+    """RAMDA's subproblem of the last step: P = ∛U + ε, b = P∘W0 − V, τ = α·λ."""
+    st, g = opt.state[p], opt.param_groups[0]
+    P = st["grad_sq_sum"].double().pow(1 / 3) + g["eps"]
+    P, b = (t.view(p.shape) for t in (P, P * st["initial"].double() - st["grad_sum"].double()))
+    return P, b, st["alpha"].item() * g["lam"]
+
+
+def test_l1_through_ramda_is_the_closed_form_soft_threshold():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(6, 5))
+    opt = RAMDA([dict(params=[w], param_names=["w"])], lr=0.1, regularizer="l1", lam=0.5,
+                keep_structured=True)
+    for _ in range(3):
+        opt.zero_grad()
+        (w.sum() ** 2 + (w * torch.randn(6, 5)).sum()).backward()
+        opt.step()
+    P, b, tau = _subproblem_of(opt, w)
+    expect = torch.sign(b) * (b.abs() - tau).clamp_min(0) / P  # argmin ½Pz² − bz + τ|z|
+    got = opt.state[w]["structured"].view(6, 5).double()
+    assert torch.allclose(got, expect.float().double(), rtol=1e-5, atol=1e-7)
+    assert (got == 0).any() and (got != 0).any()
+
+
+def test_nuclear_norm_through_ramda_reaches_the_subproblem_optimum():
+    """Ŵ minimizes Q(Z) = ½ΣP Z² − Σ b Z + τ‖Z‖_*: no random perturbation lowers Q, and the
+    singular-value threshold cut the rank."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(6, 4))
+    opt = RAMDA([dict(params=[w], param_names=["w"])], lr=0.2, regularizer="nuclear", lam=1.5,
+                keep_structured=True, rtol=1e-12, max_iters=3000)
+    for _ in range(3):
+        opt.zero_grad()
+        (w @ torch.randn(4, 3)).pow(2).sum().backward()
+        opt.step()
+    P, b, tau = _subproblem_of(opt, w)
+
+    def Q(z):
+        return (0.5 * P * z * z - b * z).sum() + tau * torch.linalg.matrix_norm(z, ord="nuc")
+    z = opt.state[w]["structured"].view(6, 4).double()
+    sv = torch.linalg.svdvals(z)
+    assert opt.last_stats["w"].active_groups == 3 and sv[-1] < 1e-6 * sv[0]  # rank 4 → 3
+    q = Q(z)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(50):
+        assert Q(z + 1e-3 * torch.randn(6, 4, generator=g, dtype=torch.float64)) >= q - 1e-9
+    assert q <= Q(torch.zeros_like(z)) and q <= Q(w.detach().double())
+
+
+def test_c_is_the_averaging_weight_and_torch_style_momentum_is_refused():
+    torch.manual_seed(0)
+    w0 = torch.randn(4, 3)
+    runs = {}
+    for kw in (dict(c=0.2), dict(momentum=0.2)):
+        w = nn.Parameter(w0.clone())
+        opt = RAMDA([w], lr=0.1, **kw)
+        w.grad = torch.ones_like(w)
+        opt.step()
+        runs[next(iter(kw))] = w.detach().clone()
+        assert opt.param_groups[0]["c"] == 0.2 and "momentum" not in opt.param_groups[0]
+    assert torch.equal(runs["c"], runs["momentum"])
+    with pytest.raises(ValueError, match=r"pass c=0\.1"):
+        RAMDA([nn.Parameter(w0.clone())], momentum=0.9)
+    with pytest.raises(ValueError, match="not both"):
+        RMDA([nn.Parameter(w0.clone())], c=0.1, momentum=0.1)
+    RAMDA([nn.Parameter(w0.clone())], c=0.9)  # the paper's c may be large when asked for by name
+    with pytest.raises(ValueError, match="momentum=0.95 looks like"):
+        ProxSGD([dict(params=[nn.Parameter(w0.clone())], momentum=0.95)])

@@ -127,3 +127,23 @@ def test_column_sharded_local_solve_needs_no_communication_for_local_tensors(tmp
         for key in ("param", "structured"):
             if key in ref:
                 assert torch.equal(zero_groups("fc1.weight", got[key]), zero_groups("fc1.weight", ref[key]))
+
+
+def test_wrappings_that_cannot_be_exact_are_refused_with_what_to_change(tmp_path):
+    """The README's refusals, for real: ZeRO-1/2 round_robin_gradients, DeepSpeed's BF16_Optimizer
+    (bf16 + fp32 gradient accumulation), the nuclear norm on sharded weights."""
+    import json
+
+    out = tmp_path / "refusals.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+           str(ROOT / "tests" / "dist" / "refusals.py"), str(out)]
+    p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    got = json.loads(out.read_text())
+    assert got["zero2_plain"] == "accepted"
+    assert got["round_robin"].startswith("NotImplementedError") and \
+        '"round_robin_gradients": false' in got["round_robin"]
+    assert got["bf16_optimizer"].startswith("NotImplementedError") and "BF16_Optimizer" in got["bf16_optimizer"]
+    assert got["sharded_nuclear"].startswith("ValueError") and "nuclear" in got["sharded_nuclear"]

@@ -21,8 +21,7 @@ from typing import Callable
 
 import torch
 
-from ..comm import LOCAL
-from ..sharding import Segment, Unsharded, layout_of
+from ..layout import Segment, Unsharded, layout_of
 from ..solvers import (SolverStats, Subproblem, group_soft_threshold, singular_value_threshold,
                        solve_exact, solve_l1, solve_nuclear_pg, solve_pg)
 
@@ -48,14 +47,12 @@ class StructuredOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults: dict, view=None):
         defaults = {**dict(regularizer=None, lam=0.0, grouping="input", milestones=(), gamma=0.1,
                            final_stage_ramp=True), **defaults}
-        super().__init__(params, defaults)
-        self.register_load_state_dict_pre_hook(_keep_state_dtypes)
-        self.register_load_state_dict_post_hook(_unwrap_state)
         self.view = view if view is not None else Unsharded()
         self.last_stats: dict[str, SolverStats] = {}
         self._writeback: list = []  # (local param, flat copy) of non-contiguous params this group
-        for i, g in enumerate(self.param_groups):
-            self._validate_group(g, i)
+        super().__init__(params, defaults)  # validates every group (add_param_group)
+        self.register_load_state_dict_pre_hook(_keep_state_dtypes)
+        self.register_load_state_dict_post_hook(_unwrap_state)
 
     # ------------------------------------------------------------------ validation
     def _validate_group(self, g: dict, i: int) -> None:
@@ -70,25 +67,52 @@ class StructuredOptimizer(torch.optim.Optimizer):
                f"{where}: milestones must be strictly increasing positive ints, got {ms!r}")
         g["milestones"] = ms
         _check(0 < g["gamma"] <= 1, f"{where}: gamma must be in (0, 1], got {g['gamma']!r}")
-        for key in ("momentum",):
-            if key in g:
-                _check(0 < g[key] <= 1, f"{where}: momentum (the paper's c) must be in (0, 1], "
-                                        f"got {g[key]!r}")
+        if "c" in g:
+            _check(0 < g["c"] <= 1, f"{where}: c (the paper's averaging weight, old name momentum) "
+                                    f"must be in (0, 1], got {g['c']!r}")
         if "eps" in g:
             _check(g["eps"] > 0, f"{where}: eps must be > 0, got {g['eps']!r}")
+        if "max_iters" in g:  # optimizers with a subproblem solver
+            _check(g.get("solver", "pg") in ("pg", "exact"),
+                   f"{where}: solver must be 'pg' or 'exact', got {g.get('solver')!r}")
+            _check(isinstance(g["max_iters"], int) and g["max_iters"] >= 1,
+                   f"{where}: max_iters must be an int >= 1, got {g['max_iters']!r}")
+            _check(0 <= g["rtol"] < 1, f"{where}: rtol must be in [0, 1), got {g['rtol']!r}")
+            e = g.get("inexact_eps0")
+            _check(e is None or e > 0, f"{where}: inexact_eps0 must be None or > 0, got {e!r}")
         if g["regularizer"] == "nuclear":
             _check(all(p.dim() == 2 for p in g["params"]) or not isinstance(self.view, Unsharded),
                    f"{where}: the nuclear norm needs 2-D weights")
+        _check(len(g["param_names"]) == len(g["params"]) == len(g["param_shapes"]),
+               f"{where}: param_names / param_shapes must have one entry per parameter")
         if g["regularizer"] in ("group_lasso", "l1"):  # fail now, not at the first step
-            names, shapes = g.get("param_names"), g.get("param_shapes")
-            for k, p in enumerate(g["params"]):
-                layout_of(g, tuple(shapes[k]) if shapes else tuple(p.shape),
-                          names[k] if names else f"{where}[{k}]")
+            for name, shape in zip(g["param_names"], g["param_shapes"]):
+                layout_of(g, tuple(shape), name)
 
     def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group, then: names and original shapes recorded (``param_names``,
+        ``param_shapes``: given, or ``param_groups[i][k]`` and the tensor's shape), and the group
+        validated, so a bad group is refused before any step."""
+        i = len(self.param_groups)
+        params = param_group["params"]
+        if not isinstance(params, set):  # torch refuses sets with its own message
+            params = [params] if torch.is_tensor(params) else list(params)
+            param_group = dict(param_group, params=params)
+            if params and all(isinstance(x, tuple) for x in params):  # named parameters
+                param_group.update(params=[t for _, t in params], param_names=[n for n, _ in params])
+                params = param_group["params"]
+            param_group.setdefault("param_names",
+                                   [f"param_groups[{i}][{k}]" for k in range(len(params))])
+            param_group.setdefault("param_shapes",
+                                   [tuple(getattr(p, "ds_shape", p.shape)) for p in params])
+        if "momentum" in param_group:  # a group-level override in the deprecated spelling
+            param_group["c"] = averaging_weight(param_group.pop("c", None), param_group.pop("momentum"))
         super().add_param_group(param_group)
-        if hasattr(self, "view"):
-            self._validate_group(self.param_groups[-1], len(self.param_groups) - 1)
+        try:
+            self._validate_group(self.param_groups[-1], i)
+        except ValueError:
+            self.param_groups.pop()
+            raise
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
@@ -98,11 +122,10 @@ class StructuredOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         present = self._agree_on_gradients()
-        for gi, group in enumerate(self.param_groups):
-            group["_index"] = gi
+        for group in self.param_groups:
             if group["lr"] == 0:  # the probing step of DCP / accelerate: create state, change nothing
                 for _, p, w, g in self._params(group, present):
-                    self._state(p, w, g)
+                    self.local_state(p, w)
             else:
                 self._update_group(group, present)
                 for p, w in self._writeback:
@@ -151,7 +174,7 @@ class StructuredOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _c(group: dict, stage: int, i: int) -> float:
         """The averaging weight c (the paper's momentum); grows as min(c0·√i, 1) in the final stage."""
-        c0 = group["momentum"]
+        c0 = group["c"]
         if group["final_stage_ramp"] and group["milestones"] and stage == len(group["milestones"]):
             return min(c0 * math.sqrt(i), 1.0)
         return c0
@@ -181,92 +204,133 @@ class StructuredOptimizer(torch.optim.Optimizer):
             w = lp.view(-1) if lp.is_contiguous() else lp.reshape(-1)
             if not lp.is_contiguous():
                 self._writeback.append((lp, w))
-            dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+            dtype = state_dtype(p)
             if p.grad is None:
                 g = torch.zeros(w.shape, dtype=dtype, device=w.device)
             else:
                 g = self.view.local(p.grad.detach()).reshape(-1).to(dtype)
             yield k, p, w, g
 
-    def _state(self, p: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> dict:
-        """This rank's flat local views of ``self.state[p]``, created on first use.
+    def local_state(self, p: torch.Tensor, w: torch.Tensor | None = None) -> dict:
+        """This rank's flat local views of ``self.state[p]``, created on first use from ``w``
+        (the flat local parameter; default: read from ``p``).
 
         Per-element state is stored as the view wants (a DTensor like ``p`` under FSDP2).
         """
         st = self.state[p]
         if not st:
-            new = dict(step=torch.zeros((), dtype=torch.float32), **self._init_state(w, g))
+            if w is None:
+                w = self.view.local(p.detach()).reshape(-1)
+            new = dict(step=torch.zeros((), dtype=torch.float32),
+                       **self.init_state(w, state_dtype(p)))
             st.update({k: self.view.wrap_state(p, v) for k, v in new.items()})
         return {k: (self.view.local(v).view(-1) if torch.is_tensor(v) and v.dim() else v)
                 for k, v in st.items()}
 
-    def _init_state(self, w: torch.Tensor, g: torch.Tensor) -> dict:
+    def add_state(self, p: torch.Tensor, key: str) -> torch.Tensor:
+        """A new zero per-element state tensor ``key`` of ``p`` (e.g. RAMDA's ``structured`` when
+        a checkpoint holds it); returns its flat local view."""
+        local = self.view.local(p.detach())
+        self.state[p][key] = self.view.wrap_state(
+            p, torch.zeros(local.numel(), dtype=state_dtype(p), device=local.device))
+        return self.view.local(self.state[p][key]).view(-1)
+
+    def init_state(self, w: torch.Tensor, dtype: torch.dtype) -> dict:
+        """Fresh state of one tensor: per-element tensors like ``w`` in ``dtype``, 0-d scalars."""
         raise NotImplementedError
+
+    def state_keys(self) -> set[str]:
+        """The per-element state keys of this optimizer (without optional ones like Ŵ)."""
+        e = torch.zeros(0)
+        return {k for k, v in self.init_state(e, e.dtype).items() if v.dim()}
 
     def _segments(self, group: dict, p: torch.Tensor, k: int) -> list[Segment]:
         return self.view.segments(p, group, k)
 
-    def _solve(self, group: dict, items: list[tuple[Segment, Subproblem]], stage_step: int = 1) -> None:
-        """Solve the group's subproblems with its solver; record stats by parameter name."""
+    def _solve(self, group: dict, items: list[tuple[Segment, Subproblem, int]]) -> None:
+        """Solve the group's subproblems ``(segment, subproblem, step)`` with its solver, batched
+        by the reducer the view names for each segment; record stats by parameter name.
+
+        ``step`` is the tensor's own step count t (in its stage) for PG's inexactness tolerance
+        ε_t = ``inexact_eps0``/t. Segments the view solves locally (replicated, or ``local_solve``
+        tensors with no spanning group) stop PG on their own groups: per rank, within tolerance.
+        """
         reg = group["regularizer"]
-        if not items:
-            return
-        if reg == "l1":
-            for seg, prob in items:
+        for seg, prob, _ in items if reg in ("l1", "nuclear") else ():
+            if reg == "l1":
                 solve_l1(prob)
-            return
-        if reg == "nuclear":
-            for seg, prob in items:
+            else:
                 self.last_stats[seg.name] = solve_nuclear_pg(prob, seg.shape, group["max_iters"],
                                                              group["rtol"])
+        if reg in ("l1", "nuclear"):
             return
-        # tensors none of whose groups crosses ranks may be solved with no communication at all
-        # (view.local_solve): each rank then stops on its own groups, so the result matches the
-        # unsharded run within the solver's tolerance instead of bitwise, and stats are per rank.
-        # Replicated tensors are always solved locally (identically on every rank).
-        local = getattr(self.view, "local_solve", False)
-        split = {True: [], False: []}
-        for seg, prob in items:
-            alone = seg.replicated or (local and seg.span is not None and seg.span.count == 0)
-            split[alone].append((seg, prob))
-        for is_local, part in split.items():
-            if part:
-                self._solve_batch(group, part, LOCAL if is_local else self.view.comm, stage_step)
-
-    def _solve_batch(self, group, items, comm, stage_step):
-        probs = [pr for _, pr in items]
-        if group.get("solver", "pg") == "exact":
-            stats = solve_exact(probs, comm)
-        else:
-            eps0 = group.get("inexact_eps0")
-            tol = None if eps0 is None else eps0 / stage_step
-            stats = solve_pg(probs, comm, group["max_iters"], group["rtol"], tol)
-        for (seg, _), st in zip(items, stats):
-            self.last_stats[seg.name] = st
-
-    @staticmethod
-    def _validate_solver(g: dict, where: str) -> None:
-        _check(g.get("solver", "pg") in ("pg", "exact"),
-               f"{where}: solver must be 'pg' or 'exact', got {g.get('solver')!r}")
-        _check(isinstance(g["max_iters"], int) and g["max_iters"] >= 1,
-               f"{where}: max_iters must be an int >= 1, got {g['max_iters']!r}")
-        _check(0 <= g["rtol"] < 1, f"{where}: rtol must be in [0, 1), got {g['rtol']!r}")
-        e = g.get("inexact_eps0")
-        _check(e is None or e > 0, f"{where}: inexact_eps0 must be None or > 0, got {e!r}")
+        batches: dict[int, tuple] = {}
+        for seg, prob, step in items:
+            comm = self.view.comm_for(seg)
+            batches.setdefault(id(comm), (comm, []))[1].append((seg, prob, step))
+        for comm, batch in batches.values():
+            probs = [prob for _, prob, _ in batch]
+            if group.get("solver", "pg") == "exact":
+                stats = solve_exact(probs, comm)
+            else:
+                eps0 = group.get("inexact_eps0")
+                tol = None if eps0 is None else [eps0 / step for _, _, step in batch]
+                stats = solve_pg(probs, comm, group["max_iters"], group["rtol"], tol)
+            for (seg, _, _), st in zip(batch, stats):
+                self.last_stats[seg.name] = st
 
     def _prox_(self, group: dict, items: list[tuple[Segment, torch.Tensor, float]]) -> None:
-        """In place ``x ← prox_{τψ}(x)`` in closed form (RMDA, ProxSGD); one collective per call."""
+        """In place ``x ← prox_{τψ}(x)`` in closed form (RMDA, ProxSGD); one collective per
+        reducer."""
         reg = group["regularizer"]
-        gl = [(seg, x, tau) for seg, x, tau in items if reg == "group_lasso"]
-        if gl:
+        batches: dict[int, tuple] = {}
+        for seg, x, tau in items if reg == "group_lasso" else ():
+            comm = self.view.comm_for(seg)
+            batches.setdefault(id(comm), (comm, []))[1].append((seg, x, tau))
+        for comm, gl in batches.values():
             probs = [Subproblem(s.groups, x, x, tau, x, span=s.span) for s, x, tau in gl]
             group_soft_threshold([x for _, x, _ in gl], [s.groups for s, _, _ in gl],
-                                 [tau for *_, tau in gl], self.view.comm, probs)
+                                 [tau for *_, tau in gl], comm, probs)
         for seg, x, tau in items:
             if reg == "l1":
                 x.copy_(torch.sign(x) * (x.abs() - tau).clamp_min_(0.0))
             elif reg == "nuclear":
                 x.copy_(singular_value_threshold(x.view(seg.shape), tau).view(-1))
+
+
+def state_dtype(p: torch.Tensor) -> torch.dtype:
+    """Optimizer state of a float64 parameter is float64; of any other (fp32, bf16, fp16) fp32."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def averaging_weight(c: float | None, momentum: float | None) -> float:
+    """The paper's c from ``c=`` or the older spelling ``momentum=`` (which means c here).
+
+    ``momentum`` in [0.5, 1) is refused: in torch's and MADGRAD's convention momentum is the
+    weight of the *old* average (0.9 there is c = 0.1 here), and such a value is almost always
+    that convention; c = 1 (no averaging) and c ≤ 0.5 are accepted under either name.
+    """
+    if momentum is None:
+        return 0.1 if c is None else c
+    if c is not None:
+        raise ValueError("pass c (the paper's averaging weight) or its old name momentum, not both")
+    if 0.5 <= momentum < 1:
+        raise ValueError(
+            f"momentum={momentum} looks like torch/MADGRAD's convention (weight of the old "
+            f"average); ramda_ds's averaging weight is the paper's c = weight of the NEW point, "
+            f"W <- (1-c)W + c*W_hat. For that convention pass c={1 - momentum:g}; if you really "
+            f"mean c={momentum}, pass c={momentum}.")
+    return momentum
+
+
+def find_structured(optimizer):
+    """The ramda_ds optimizer inside accelerate / DeepSpeed wrappers (``.optimizer`` chains), or
+    None (e.g. AdamW)."""
+    for _ in range(5):
+        if isinstance(optimizer, StructuredOptimizer):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
 
 
 class _Kept:

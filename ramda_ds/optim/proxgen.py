@@ -33,17 +33,15 @@ class ProxGen(StructuredOptimizer):
                                       solver=solver, max_iters=max_iters, rtol=rtol,
                                       inexact_eps0=inexact_eps0, milestones=milestones, gamma=gamma,
                                       final_stage_ramp=False), view)
-        for i, g in enumerate(self.param_groups):
-            self._validate_solver(g, f"param_groups[{i}]")
 
-    def _init_state(self, w, g):
-        return dict(exp_avg=torch.zeros_like(g), exp_avg_sq=torch.zeros_like(g))
+    def init_state(self, w, dtype):
+        return dict(exp_avg=torch.zeros_like(w, dtype=dtype), exp_avg_sq=torch.zeros_like(w, dtype=dtype))
 
     def _update_group(self, group, present):
         (b1, b2) = group["betas"]
         items, updates = [], []
         for k, p, w, g in self._params(group, present):
-            st = self._state(p, w, g)
+            st = self.local_state(p, w)
             lr = self._decayed(group, "lr", self._advance(group, st)[0])
             t = st["step"].item()  # per tensor, as AdamW
             a = lr / (1 - b1 ** t)
@@ -63,7 +61,8 @@ class ProxGen(StructuredOptimizer):
                 z[r] = wf[r]  # warm start at W
                 const = (0.5 * D[r] * wf[r] - am[r]).mul_(wf[r])
                 items.append((seg, Subproblem(seg.groups, D[r], D[r] * wf[r] - am[r],
-                                              group_tau(group, seg, lr), z[r], const, seg.span)))
+                                              group_tau(group, seg, lr), z[r], const, seg.span),
+                              int(t)))
             updates.append((w, z))
         self._solve(group, items)
         for w, z in updates:

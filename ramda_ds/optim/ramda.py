@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..solvers import Subproblem
-from .base import StructuredOptimizer, group_tau, is_regularized
+from .base import StructuredOptimizer, averaging_weight, group_tau, is_regularized
 
 
 _CHUNK = 1 << 16
@@ -44,7 +44,8 @@ class RAMDA(StructuredOptimizer):
     ``grad_sq_sum`` (U), ``initial`` (W0): 12 bytes/parameter in fp32. At each milestone
     ``lr, ε ← γ·lr, γ·ε`` and ``t, α, V, U ← 0``, ``W0 ← W``.
 
-    Args: ``lr`` (η), ``momentum`` (the paper's c ∈ (0, 1]), ``eps`` (ε), ``regularizer`` /
+    Args: ``lr`` (η), ``c`` (the paper's averaging weight ∈ (0, 1]; ``momentum`` is its older
+    name, see :func:`~.base.averaging_weight`), ``eps`` (ε), ``regularizer`` /
     ``lam`` / ``grouping`` (ψ), ``solver`` (``"pg"`` or ``"exact"``), ``max_iters``, ``rtol``
     (PG early stop), ``inexact_eps0`` (stop PG on condition (7) with ``ε_t = inexact_eps0/t``
     instead), ``milestones`` / ``gamma`` / ``final_stage_ramp`` (restarts), ``keep_structured``
@@ -54,25 +55,26 @@ class RAMDA(StructuredOptimizer):
     restart_zero = ("grad_sum", "grad_sq_sum", "alpha")
     restart_copy = ("initial",)
 
-    def __init__(self, params, lr=1e-2, momentum=0.1, eps=1e-6, regularizer=None, lam=0.0,
+    def __init__(self, params, lr=1e-2, c=None, eps=1e-6, regularizer=None, lam=0.0,
                  grouping="input", solver="pg", max_iters=100, rtol=1e-8, inexact_eps0=None,
-                 milestones=(), gamma=0.1, final_stage_ramp=True, keep_structured=False, view=None):
-        super().__init__(params, dict(lr=lr, momentum=momentum, eps=eps, regularizer=regularizer,
+                 milestones=(), gamma=0.1, final_stage_ramp=True, keep_structured=False, view=None,
+                 momentum=None):
+        super().__init__(params, dict(lr=lr, c=averaging_weight(c, momentum), eps=eps,
+                                      regularizer=regularizer,
                                       lam=lam, grouping=grouping, solver=solver, max_iters=max_iters,
                                       rtol=rtol, inexact_eps0=inexact_eps0, milestones=milestones,
                                       gamma=gamma, final_stage_ramp=final_stage_ramp,
                                       keep_structured=keep_structured), view)
-        for i, g in enumerate(self.param_groups):
-            self._validate_solver(g, f"param_groups[{i}]")
 
-    def _init_state(self, w, g):
-        return dict(alpha=torch.zeros((), dtype=torch.float64), grad_sum=torch.zeros_like(g),
-                    grad_sq_sum=torch.zeros_like(g), initial=w.to(g.dtype, copy=True))
+    def init_state(self, w, dtype):
+        return dict(alpha=torch.zeros((), dtype=torch.float64),
+                    grad_sum=torch.zeros_like(w, dtype=dtype),
+                    grad_sq_sum=torch.zeros_like(w, dtype=dtype), initial=w.to(dtype, copy=True))
 
     def _update_group(self, group, present):
-        items, updates, i = [], [], 1
+        items, updates = [], []
         for k, p, w, g in self._params(group, present):
-            st = self._state(p, w, g)
+            st = self.local_state(p, w)
             stage, i = self._advance(group, st)
             s = self._decayed(group, "lr", stage) * math.sqrt(i)  # s_t = lr·√t
             st["alpha"] += s
@@ -89,9 +91,9 @@ class RAMDA(StructuredOptimizer):
                 tau = group_tau(group, seg, st["alpha"].item())
                 const = (0.5 * P[r] * W0[r] - V[r]).mul_(W0[r])
                 items.append((seg, Subproblem(seg.groups, P[r], P[r] * W0[r] - V[r], tau, w_hat[r],
-                                              const, seg.span)))
+                                              const, seg.span), i))
             updates.append((p, w, st, w_hat, self._c(group, stage, i)))
-        self._solve(group, items, i)
+        self._solve(group, items)
         for p, w, st, w_hat, c in updates:
             w.lerp_(w_hat.to(w.dtype), c)  # W ← (1−c)W + cŴ
             if group["keep_structured"]:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .base import StructuredOptimizer, group_tau, is_regularized
+from .base import StructuredOptimizer, averaging_weight, group_tau, is_regularized
 
 
 class RMDA(StructuredOptimizer):
@@ -15,26 +15,28 @@ class RMDA(StructuredOptimizer):
         V += s_t·G;   Ŵ = prox_{(α_t/√t)·ψ}(W0 − V/√t);   W ← (1−c)·W + c·Ŵ
 
     The prox is closed form (group soft-threshold, L1 soft-threshold, singular-value
-    soft-threshold). State: ``grad_sum`` (V), ``initial`` (W0). Restarts as in :class:`RAMDA`.
+    soft-threshold). State: ``grad_sum`` (V), ``initial`` (W0). Restarts and ``c`` (old name
+    ``momentum``) as in :class:`RAMDA`.
     """
 
     restart_zero = ("grad_sum", "alpha")
     restart_copy = ("initial",)
 
-    def __init__(self, params, lr=1e-1, momentum=0.1, regularizer=None, lam=0.0, grouping="input",
-                 milestones=(), gamma=0.1, final_stage_ramp=True, view=None):
-        super().__init__(params, dict(lr=lr, momentum=momentum, regularizer=regularizer, lam=lam,
+    def __init__(self, params, lr=1e-1, c=None, regularizer=None, lam=0.0, grouping="input",
+                 milestones=(), gamma=0.1, final_stage_ramp=True, view=None, momentum=None):
+        super().__init__(params, dict(lr=lr, c=averaging_weight(c, momentum),
+                                      regularizer=regularizer, lam=lam,
                                       grouping=grouping, milestones=milestones, gamma=gamma,
                                       final_stage_ramp=final_stage_ramp), view)
 
-    def _init_state(self, w, g):
-        return dict(alpha=torch.zeros((), dtype=torch.float64), grad_sum=torch.zeros_like(g),
-                    initial=w.to(g.dtype, copy=True))
+    def init_state(self, w, dtype):
+        return dict(alpha=torch.zeros((), dtype=torch.float64),
+                    grad_sum=torch.zeros_like(w, dtype=dtype), initial=w.to(dtype, copy=True))
 
     def _update_group(self, group, present):
         items, updates = [], []
         for k, p, w, g in self._params(group, present):
-            st = self._state(p, w, g)
+            st = self.local_state(p, w)
             stage, t = self._advance(group, st)
             s = self._decayed(group, "lr", stage) * math.sqrt(t)
             st["alpha"] += s

@@ -1,19 +1,21 @@
-"""Which part of which original parameter each tensor handed to the optimizer holds.
+"""Sharded views: which part of which original parameter each optimizer tensor holds, per backend.
 
-The optimizers never ask which backend they run on.  For every tensor ``p`` in a param group they
-ask the optimizer's *view* for its :class:`Segment` list: local flat ranges, each naming the
-original parameter, its shape, where the range starts in it, its group structure, and which of its
-groups cross into other ranks (:class:`ramda_ds.solvers.Span`).  The math then runs on
-``local(p).view(-1)[seg.lo:seg.hi]``.
+The optimizers never ask which backend they run on; they ask the optimizer's *view* (protocol and
+the single-process :class:`~ramda_ds.layout.Unsharded` view in :mod:`ramda_ds.layout`). Views:
 
-Views: :class:`Unsharded` (single process, DDP), :class:`~.deepspeed.ZeroFlatView` (ZeRO-1/2),
-:class:`~.deepspeed.Zero3View` (ZeRO-3), :class:`~.fsdp.FSDP2View` (``fully_shard``).
-:func:`attach` picks one from the wrapped model.
+* :class:`~.deepspeed.ZeroFlatView` — DeepSpeed ZeRO-1/2 (flat fp32 partitions per param group)
+* :class:`~.deepspeed.Zero3View` — DeepSpeed ZeRO-3 (flat fp32 sub-groups)
+* :class:`~.fsdp.FSDP2View` — ``fully_shard`` (DTensor shards, ``Shard(0)`` or ``Shard(1)``)
+* :class:`~.fsdp.FSDP1View` — ``FullyShardedDataParallel(use_orig_params=True)`` (1-D slices)
+
+:func:`attach` picks one from the wrapped model; :func:`~.gather.gather_full_state` reassembles
+whole tensors from any of them.
 """
 
 from __future__ import annotations
 
-from .base import Segment, ShardedView, Unsharded, layout_of, make_segment
+from ..layout import Segment, Span, Unsharded, layout_of, make_segment
 from .attach import attach
+from .base import ShardedView
 
-__all__ = ["Segment", "ShardedView", "Unsharded", "attach", "layout_of", "make_segment"]
+__all__ = ["Segment", "ShardedView", "Span", "Unsharded", "attach", "layout_of", "make_segment"]

@@ -4,18 +4,8 @@ from __future__ import annotations
 
 
 from ..comm import ProcessGroupReducer
-from .base import Unsharded
-
-
-def _unwrap_optimizer(opt):
-    from ..optim.base import StructuredOptimizer
-
-    seen = opt
-    for _ in range(5):
-        if isinstance(seen, StructuredOptimizer):
-            return seen
-        seen = getattr(seen, "optimizer", None)
-    raise TypeError(f"no ramda_ds optimizer inside {type(opt).__name__}")
+from ..layout import Unsharded
+from ..optim.base import find_structured
 
 
 def attach(optimizer, model, process_group=None, local_solve: bool = False):
@@ -27,21 +17,20 @@ def attach(optimizer, model, process_group=None, local_solve: bool = False):
     ``shard_columns``) are solved without any communication; each rank applies PG's stop test to
     its own groups, so results equal the unsharded run within the solver tolerance, not bitwise.
     """
-    opt = _unwrap_optimizer(optimizer)
-    if any(g.get("regularizer") == "nuclear" and g.get("lam", 0) > 0 for g in opt.param_groups):
-        nuclear = True
-    else:
-        nuclear = False
-    view = _view_for(model, opt, process_group)
+    opt = find_structured(optimizer)
+    if opt is None:
+        raise TypeError(f"no ramda_ds optimizer inside {type(optimizer).__name__}")
+    nuclear = any(g.get("regularizer") == "nuclear" and g.get("lam", 0) > 0
+                  for g in opt.param_groups)
+    view = _view_for(model, opt, process_group, local_solve)
     if view.sharded and nuclear:
         raise ValueError("the nuclear-norm regularizer needs whole 2-D weights; it is not "
                          "supported with ZeRO/FSDP sharding")
-    view.local_solve = local_solve
     opt.view = view
     return view
 
 
-def _view_for(model, opt, process_group):
+def _view_for(model, opt, process_group, local_solve):
     try:
         from deepspeed import DeepSpeedEngine
     except ImportError:  # pragma: no cover
@@ -63,10 +52,10 @@ def _view_for(model, opt, process_group):
                                       "partitions; set \"round_robin_gradients\": false")
         comm = ProcessGroupReducer(process_group or getattr(zero, "dp_process_group", None))
         if stage in (1, 2):
-            return ZeroFlatView(zero, comm, names)
+            return ZeroFlatView(zero, comm, names, local_solve)
         import torch.distributed as dist
 
-        return Zero3View(zero, comm, names, dist.get_rank(comm.group))
+        return Zero3View(zero, comm, names, dist.get_rank(comm.group), local_solve)
     names = {id(p): n for n, p in model.named_parameters()}
     from torch.distributed.tensor import DTensor
 
@@ -88,7 +77,7 @@ def _view_for(model, opt, process_group):
             p = next(p for p in model.parameters() if isinstance(p, DTensor))
             dims = [i for i, pl in enumerate(p.placements) if isinstance(pl, Shard)] or [0]
             mesh_group = p.device_mesh.get_group(mesh_dim=dims[-1])
-        return FSDP2View(ProcessGroupReducer(mesh_group), names)
+        return FSDP2View(ProcessGroupReducer(mesh_group), names, local_solve)
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     fsdp1 = [m for m in model.modules() if isinstance(m, FullyShardedDataParallel)]
@@ -96,8 +85,6 @@ def _view_for(model, opt, process_group):
         from .fsdp import FSDP1View
 
         names = {id(p): n.replace("_fsdp_wrapped_module.", "") for n, p in model.named_parameters()}
-        return FSDP1View(ProcessGroupReducer(process_group or fsdp1[0].process_group), names, model)
+        return FSDP1View(ProcessGroupReducer(process_group or fsdp1[0].process_group), names,
+                         model, local_solve)
     return Unsharded()
-
-
-

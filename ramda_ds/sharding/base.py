@@ -1,93 +1,11 @@
-"""Segments, the unsharded view, and the shared machinery of sharded views."""
+"""The shared machinery of sharded views: segment caching and which groups span ranks."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
-from ..comm import LOCAL, Reducer
-from ..groups import GroupLayout, SegmentGroups, layout_for
-from ..solvers import Span
-
-
-@dataclass
-class Segment:
-    name: str  # original parameter name
-    shape: tuple  # original parameter shape
-    lo: int  # local flat range in the handed tensor
-    hi: int
-    start: int  # where the range starts in the flattened original parameter
-    groups: SegmentGroups | None  # group structure of the range, None if unregularized
-    span: Span | None = None  # groups crossing shards (None: all groups whole on this rank)
-    column_block: tuple | None = None  # (R, first group, groups, K): a column block, not a range
-    replicated: bool = False  # every rank holds this whole tensor: solve it locally, identically
-
-    @property
-    def numel(self) -> int:
-        return self.hi - self.lo
-
-
-def layout_of(group: dict, shape, name: str = "<tensor>") -> GroupLayout | None:
-    reg = group.get("regularizer")
-    if reg == "group_lasso":
-        return layout_for(shape, group.get("grouping", "input"), name)
-    if reg == "l1":
-        return layout_for(shape, "element", name)
-    return None
-
-
-def make_segment(name, shape, lo, hi, start, group, local_shape=None, group_offset=0) -> Segment:
-    """A segment whose groups follow the param group's regularizer and grouping rule.
-
-    ``local_shape``/``group_offset`` describe a column block ``[:, offset:offset+n, ...]`` of the
-    original tensor held whole on this rank (FSDP2 ``Shard(1)``) instead of a flat range.
-    """
-    layout = layout_of(group, shape, name)
-    groups = block = None
-    if local_shape is not None:
-        cols = layout or layout_for(shape, "input", name)  # unregularized: for gathering only
-        ncols = (hi - lo) // (cols.rows * cols.inner)
-        block = (cols.rows, group_offset, ncols, cols.inner)
-        if layout is not None:
-            groups = SegmentGroups(GroupLayout(layout.rows, ncols, layout.inner),
-                                   group_offset=group_offset, weight_layout=layout)
-    elif layout is not None:
-        groups = SegmentGroups(layout, start, start + hi - lo)
-    return Segment(name, tuple(shape), lo, hi, start, groups, column_block=block)
-
-
-class Unsharded:
-    """Single process or replicated data parallel (DDP): every tensor is a whole parameter."""
-
-    comm: Reducer = LOCAL
-    sharded = False
-
-    def segments(self, p: torch.Tensor, group: dict, index: int) -> list[Segment]:
-        names = group.get("param_names")
-        name = names[index] if names else f"param_groups[{group.get('_index', '?')}][{index}]"
-        shapes = group.get("param_shapes")
-        shape = tuple(shapes[index]) if shapes and len(shapes) == len(group["params"]) \
-            and math.prod(shapes[index]) == p.numel() else tuple(p.shape)
-        return [make_segment(name, shape, 0, p.numel(), 0, group)]
-
-    def local(self, t: torch.Tensor) -> torch.Tensor:
-        """The tensor this rank computes on (a DTensor's local shard)."""
-        return t
-
-    def handed(self, optimizer):
-        """(tensor, param group, index) for every tensor the optimizer is handed at a step."""
-        for group in optimizer.param_groups:
-            for k, p in enumerate(group["params"]):
-                yield p, group, k
-
-    def after_load(self) -> None:
-        """Master weights were overwritten (checkpoint load): refresh any copies the model uses."""
-
-    def wrap_state(self, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """How a per-element state tensor is stored (FSDP2: a DTensor like ``p``)."""
-        return t
+from ..comm import Reducer
+from ..layout import Segment, Span, Unsharded, make_segment
 
 
 class ShardedView(Unsharded):
@@ -100,8 +18,10 @@ class ShardedView(Unsharded):
 
     sharded = True
 
-    def __init__(self, comm: Reducer, names: dict[int, str]):
-        self.comm, self.names = comm, names
+    def __init__(self, comm: Reducer, names: dict[int, str], local_solve: bool = False):
+        """``local_solve``: tensors none of whose groups crosses ranks are solved with no
+        communication (see :func:`~ramda_ds.sharding.attach`)."""
+        self.comm, self.names, self.local_solve = comm, names, local_solve
         self._cache: dict[int, list[Segment]] = {}
 
     def describe(self, p: torch.Tensor, group: dict) -> list[dict]:

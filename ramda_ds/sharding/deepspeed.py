@@ -17,8 +17,8 @@ from .base import ShardedView
 class ZeroFlatView(ShardedView):
     """ZeRO stage 1 and 2."""
 
-    def __init__(self, zero_optimizer, comm, names):
-        super().__init__(comm, names)
+    def __init__(self, zero_optimizer, comm, names, local_solve=False):
+        super().__init__(comm, names, local_solve)
         self.zero = zero_optimizer
 
     def describe(self, p, group):
@@ -46,8 +46,8 @@ class ZeroFlatView(ShardedView):
 class Zero3View(ShardedView):
     """ZeRO stage 3."""
 
-    def __init__(self, zero_optimizer, comm, names, rank: int):
-        super().__init__(comm, names)
+    def __init__(self, zero_optimizer, comm, names, rank: int, local_solve=False):
+        super().__init__(comm, names, local_solve)
         self.zero, self.rank = zero_optimizer, rank
 
     def describe(self, p, group):
@@ -65,7 +65,7 @@ class Zero3View(ShardedView):
             offset += part
         return out
 
-    def handed(self, optimizer):
+    def tensors(self, optimizer):
         """ZeRO-3 empties ``params`` between sub-group steps: list the sub-groups instead."""
         for i, flat in enumerate(self.zero.fp32_partitioned_groups_flat):
             yield flat, optimizer.param_groups[self.zero.sub_group_to_group_id[i]], 0

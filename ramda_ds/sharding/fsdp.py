@@ -86,8 +86,8 @@ class FSDP1View(ShardedView):
     1-D slice ``[intra_param_start_idx, intra_param_end_idx]`` of its flattened self (possibly
     empty: ranks without a slice also get ``grad=None``)."""
 
-    def __init__(self, comm, names, model):
-        super().__init__(comm, names)
+    def __init__(self, comm, names, model, local_solve=False):
+        super().__init__(comm, names, local_solve)
         self.where: dict[int, tuple] = {}
         for m in model.modules():
             handle = getattr(m, "_handle", None)

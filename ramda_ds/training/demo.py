@@ -34,7 +34,7 @@ def run(lam: float, steps: int, milestones, seed: int = 0):
     (Xtr, ytr), (Xte, yte) = make_data()
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 5))
-    opt = RAMDA(build_param_groups(model, "group_lasso", lam=lam), lr=0.02, momentum=0.1,
+    opt = RAMDA(build_param_groups(model, "group_lasso", lam=lam), lr=0.02, c=0.1,
                 milestones=milestones)
     for _ in range(steps):
         idx = torch.randint(0, len(Xtr), (128,))

@@ -19,7 +19,7 @@ import torch
 
 from ..checkpoint import CheckpointError
 from .world import world_sum_
-from .run_checkpoint import RunCheckpointer, restore_rng, rng_state
+from .run_checkpoint import KEEP_LAST, RunCheckpointer, restore_rng, rng_state
 from .run_logger import RunLogger
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: schedulers and torchrun --max-restarts treat it as a failure
@@ -33,7 +33,7 @@ class LoopConfig:
     grad_clip: float = 0.0
     eval_every: int = 100
     save_every: int = 0  # 0: only at the end and on SIGTERM
-    keep_last: int = 2
+    keep_last: int = KEEP_LAST
     resume: str = ""  # "", "auto" (latest under output_dir/checkpoints) or a checkpoint directory
     structured: bool = False  # report sparsity of RAMDA's Ŵ (keep_structured) instead of W
 
@@ -67,13 +67,9 @@ class Preemption:
 
 def unwrap(opt):
     """The ramda_ds optimizer inside accelerate / DeepSpeed wrappers, or None (e.g. AdamW)."""
-    from ..optim.base import StructuredOptimizer
+    from ..optim.base import find_structured
 
-    for _ in range(5):
-        if isinstance(opt, StructuredOptimizer):
-            return opt
-        opt = getattr(opt, "optimizer", None)
-    return None
+    return find_structured(opt)
 
 
 def structure_metrics(opt, structured: bool) -> dict:

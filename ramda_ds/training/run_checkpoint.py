@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 
 from ..checkpoint import CheckpointError, plan_load, write_shard
 
+KEEP_LAST = 2  # complete checkpoints kept by default (RunCheckpointer, LoopConfig, the scripts)
 LATEST = "latest"
 MANIFEST = "manifest.json"
 FORMAT = "ramda_ds.run/1"
@@ -46,11 +47,9 @@ def _dist():
 def fingerprint(optimizer) -> dict:
     """What must match to resume: optimizer class and, per parameter, shape and regularizer layout."""
     params = {}
-    for i, g in enumerate(optimizer.param_groups):
+    for g in optimizer.param_groups:
         # DeepSpeed replaces ``params`` by flat partitions but keeps names and shapes
-        names = g.get("param_names") or [f"param_groups[{i}][{k}]" for k in range(len(g["params"]))]
-        shapes = g.get("param_shapes") or [tuple(p.shape) for p in g["params"]]
-        for name, shape in zip(names, shapes):
+        for name, shape in zip(g["param_names"], g["param_shapes"]):
             params[name] = dict(shape=list(shape), regularizer=g.get("regularizer"),
                                 grouping=g.get("grouping") if g.get("regularizer") else None)
     return dict(optimizer=type(optimizer).__name__, params=params)
@@ -124,7 +123,7 @@ class Loaded:
 
 
 class RunCheckpointer:
-    def __init__(self, root, keep_last: int = 3):
+    def __init__(self, root, keep_last: int = KEEP_LAST):
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         self.root, self.keep_last = Path(root), keep_last
