@@ -323,13 +323,15 @@ def solve_collectives(segs, world, solver, iters) -> list[tuple[str, str, int]]:
 
 def step_collectives(per_call, groups_of_call, world, solver, k):
     """All-reduces of one training step: per ``optimizer.step()`` call the gradient agreement
-    (max of 1 + #params flags) and one solve per regularized param group of the call."""
+    (max of 1 + #params flags) and one solve per regularized param group of the call.  ``k``:
+    iterations of every tensor, or ``{parameter name: iterations}``."""
     out = []
     for segs_by_group, nparams in zip(per_call, groups_of_call):
         out.append(("agree", "max", 8 * (1 + nparams)))
         for segs in segs_by_group:
             if segs:
-                out += solve_collectives(segs, world, solver, [k] * len(segs))
+                iters = [k[s.name] for s in segs] if isinstance(k, dict) else [k] * len(segs)
+                out += solve_collectives(segs, world, solver, iters)
     return out
 
 
@@ -337,7 +339,9 @@ def step_collectives(per_call, groups_of_call, world, solver, k):
 def simulate(shape: dict, world: int, layout: str, regularize: str = "finetune",
              ranks=None, pg_iters: int = 10, exact_passes: int = 5) -> dict:
     """The scale-model numbers of one (model, N, layout); ``ranks`` to simulate explicitly
-    (default: 0, N/2, N−1).  Raises ValueError if the view refuses the layout."""
+    (default: 0, N/2, N−1).  ``pg_iters`` / ``exact_passes``: iterations of every tensor or
+    ``{name: iterations}``.  ``inputs`` of the result: every rank's ``span_inputs`` per handed
+    tensor (what ``attach_spans`` all-gathers).  Raises ValueError if the view refuses the layout."""
     ranks = sorted(set(ranks if ranks is not None else (0, world // 2, world - 1)))
     sim = SIMS[layout](shape, regularize, world)
     every = None
@@ -374,7 +378,7 @@ def simulate(shape: dict, world: int, layout: str, regularize: str = "finetune",
                 state_bytes=max(v["state_bytes"] for v in per_rank.values()),
                 span_bytes=max(v["span_bytes"] for v in per_rank.values()),
                 setup_s=max(v["setup_s"] for v in per_rank.values()),
-                handed=first["handed"], step_calls=first["step_calls"])
+                handed=first["handed"], step_calls=first["step_calls"], inputs=every)
 
 
 def _rank_numbers(view, handed, calls, segs_of, world, k_pg, k_exact, setup):
@@ -405,7 +409,8 @@ def _rank_numbers(view, handed, calls, segs_of, world, k_pg, k_exact, setup):
     res = {}
     for solver, k in (("pg", k_pg), ("exact", k_exact)):
         res[solver] = step_collectives(per_call, nparams, world, solver, k)
-        res[solver + "_next"] = step_collectives(per_call, nparams, world, solver, k + 1)
+        res[solver + "_next"] = step_collectives(per_call, nparams, world, solver,
+                                                 k + 1 if isinstance(k, int) else k)
     numel = sum(view.local(p).numel() for p, _ in handed)
     return dict(spanning=sum(spanning_by.values()), groups=groups, spanning_by=spanning_by,
                 state_bytes=STATE_BYTES * numel, span_bytes=span_bytes, setup_s=setup,
@@ -479,7 +484,8 @@ def main(argv=None):
                 except ValueError as e:
                     res = dict(world=world, layout=layout, error=str(e).split(";")[0])
                 print(row(model, res), flush=True)
-                raw.append(dict(model=model, **{k: v for k, v in res.items() if k != "spanning_by"}))
+                raw.append(dict(model=model, **{k: v for k, v in res.items()
+                                                if k not in ("spanning_by", "inputs")}))
     print(f"\nwall time {time.perf_counter() - t_all:.0f} s")
     if a.json:
         with open(a.json, "w") as f:
