@@ -9,7 +9,6 @@ solver's iterations per tensor in that step.
 """
 
 import importlib
-import os
 import sys
 
 import torch
