@@ -51,11 +51,23 @@ def attach_spans(segs: list[Segment], comm, device=None) -> None:
     """
     import torch.distributed as dist
 
-    mine = [((s.groups.group_lo, s.groups.num_groups) if s.groups is not None else None,
-             (s.start, s.numel, s.column_block)) for s in segs]
     every: list = [None] * comm.world_size
-    dist.all_gather_object(every, mine, group=getattr(comm, "group", None))
-    me = dist.get_rank(getattr(comm, "group", None))
+    dist.all_gather_object(every, span_inputs(segs), group=getattr(comm, "group", None))
+    set_spans(segs, every, dist.get_rank(getattr(comm, "group", None)), device)
+
+
+def span_inputs(segs: list[Segment]) -> list[tuple]:
+    """What :func:`attach_spans` all-gathers from a rank: per segment its groups
+    ``(group_lo, num_groups)`` (None if unregularized) and ``(start, numel, column_block)``."""
+    return [((s.groups.group_lo, s.groups.num_groups) if s.groups is not None else None,
+             (s.start, s.numel, s.column_block)) for s in segs]
+
+
+def set_spans(segs: list[Segment], every: list, me: int, device=None) -> None:
+    """The collective-free part of :func:`attach_spans`: ``every[r]`` is ``span_inputs`` of rank
+    ``r``'s segments (same tensor, same order), ``me`` this rank; sets ``seg.span`` /
+    ``seg.replicated`` of ``segs`` (this rank's).  ``bench/scale_model.py`` calls it with every
+    rank's inputs computed in one process."""
     if len({len(r) for r in every}) != 1:
         raise RuntimeError("ranks disagree on the parameters of one optimizer tensor")
     for j, seg in enumerate(segs):
