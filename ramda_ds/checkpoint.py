@@ -200,6 +200,16 @@ def full_state(files) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
+def saved_steps(files) -> dict[str, float]:
+    """Each saved parameter's own step counter (from the metadata; no tensor is read)."""
+    out = {}
+    for name, pieces in Fragments(files).by_name.items():
+        steps = [e["scalars"]["step"][0] for e, _, _ in pieces if "step" in e["scalars"]]
+        if steps:
+            out[name] = max(steps)
+    return out
+
+
 def state_keys(optimizer) -> set[str]:
     """The per-element state keys this optimizer creates (from an empty dry run), plus ``param``."""
     e = torch.zeros(0)
