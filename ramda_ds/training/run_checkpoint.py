@@ -167,7 +167,7 @@ def _check_manifest(m, where: Path) -> None:
         if key not in m:
             bad(f"no {key!r}")
         if not isinstance(m[key], kind) or isinstance(m[key], bool):
-            bad(f"{key!r} is not a {kind.__name__}")
+            bad(f"{key!r} must be {kind.__name__}")
     if m["step"] < 1 or m["world_size"] < 1:
         bad(f"step {m['step']} and world_size {m['world_size']} must be >= 1")
     fp = m["fingerprint"]
