@@ -452,3 +452,22 @@ def test_divergence_from_the_command_line_is_a_message_not_a_traceback(tmp_path)
     assert "Traceback" not in p.stderr and "the run diverged: mean training loss" in p.stderr
     assert not list((out / "checkpoints").glob("step_*"))
     assert not (out / "checkpoints" / LATEST).exists()
+
+
+def test_a_full_disk_on_rank_1_stops_a_two_rank_run_with_one_message(tmp_path):
+    """The issue's hang: rank 1's weights write fails (SafetensorError) during the step-4 save of
+    a 2-rank FSDP2 run; both ranks exit with the same message, promptly; step 2 stays latest."""
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TMPDIR=str(tmp_path))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+           "127.0.0.1", "--master-port", str(free_port()),
+           str(ROOT / "tests" / "dist" / "fail_during_save.py"), "1", "2", SCRIPT, "--fsdp2",
+           "--steps", "4", "--eval_every", "4", "--save_every", "2", "--vocab_size", "300",
+           "--batch_size", "4", "--output_dir", str(out)]
+    p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    said = [line for line in p.stderr.splitlines() if "saving the checkpoint of step 4 failed" in line]
+    assert len(said) == 2 and said[0].split("failed")[1] == said[1].split("failed")[1], p.stderr[-4000:]
+    assert "rank 1: writing" in said[0] and "disk is full" in said[0]
+    assert (out / "checkpoints" / LATEST).read_text() == "step_00000002"
+    assert saved_steps(out) == ["step_00000002"]

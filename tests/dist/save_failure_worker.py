@@ -84,6 +84,7 @@ for where, at in [("weights", 1), ("weights", 0), ("trainer", 1), ("manifest", 0
     except CheckpointError as e:
         outcome = str(e)
     undo()
+    dist.barrier()  # rank 0 removes the half-written save after raising
     result[f"{where}@{at}"] = outcome
     result[f"{where}@{at} seconds"] = round(time.perf_counter() - t0, 1)
     result[f"{where}@{at} latest"] = (OUT / "checkpoints" / "latest").read_text()
