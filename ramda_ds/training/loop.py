@@ -183,9 +183,8 @@ def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict) -> list[dic
         gradient of step ``at``), which may have been saved. Every rank gets here together."""
         rows.append(dict(row, step=at, diverged=True))
         log.log(rows[-1])
-        moved, latest = ckpt.discard(at - 1) if ckpt and before else (False, None)
-        if ckpt and not before and acc.is_main_process and (ckpt.root / "latest").exists():
-            latest = (ckpt.root / "latest").read_text()
+        # ``before``: the checkpoint of step at - 1, if any, holds the diverged state
+        moved, latest = ckpt.discard(at - 1 if before else at) if ckpt else (False, None)
         if acc.is_main_process:
             print(f"step {at}: the run diverged: {why}. Stopped without saving this state" +
                   (f"; the checkpoint of step {at - 1}, which holds the state that diverged, was "

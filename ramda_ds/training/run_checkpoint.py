@@ -358,18 +358,20 @@ class RunCheckpointer:
         if self.rank == 0 and self.root.is_dir():
             try:
                 d = self.root / f"step_{step:08d}"
-                moved = d.is_dir()
-                if moved:
+                latest = self.root / LATEST
+                if d.is_dir():
                     (self.root / why).mkdir(exist_ok=True)
                     os.replace(d, self.root / why / f"{d.name}_{int(time.time())}")
-                done = sorted(p.name for p in self.root.glob("step_*") if p.is_dir() and
-                              re.fullmatch(r"step_\d+", p.name) and int(p.name[5:]) < step
-                              and (p / MANIFEST).exists())
-                if done:
-                    os.replace(_write_tmp(self.root / LATEST, done[-1]), self.root / LATEST)
-                else:
-                    (self.root / LATEST).unlink(missing_ok=True)
-                out = (moved, done[-1] if done else None)
+                    done = sorted(p.name for p in self.root.glob("step_*") if p.is_dir() and
+                                  re.fullmatch(r"step_\d+", p.name) and int(p.name[5:]) < step
+                                  and (p / MANIFEST).exists())
+                    if done:
+                        os.replace(_write_tmp(latest, done[-1]), latest)
+                    else:
+                        latest.unlink(missing_ok=True)
+                    out = (True, done[-1] if done else None)
+                elif latest.exists():
+                    out = (False, _read_latest(self.root))
             except Exception as e:
                 error = f"cannot set aside the checkpoint of step {step}: {_why(e)}"
         self.agree(error)
@@ -467,8 +469,8 @@ class RunCheckpointer:
                     trainer.append({k: h.get_tensor(k) for k in h.keys()})
         except CheckpointError as e:
             error = str(e)
-        except Exception as e:  # unreadable trainer file
-            error = f"cannot read the trainer state in {path}: {_why(e)}"
+        except Exception as e:  # e.g. an unreadable trainer file
+            error = f"cannot read the checkpoint {path}: {_why(e)}"
         self.agree(error)
         return Loaded(path, step, world, manifest["meta"], trainer, apply, changes)
 
@@ -503,8 +505,8 @@ class RunCheckpointer:
         if listed != needed:
             what = sorted(needed - listed) or sorted(listed - needed)
             raise CheckpointError(
-                f"{path / MANIFEST} lists {sorted(listed) or 'no files'}, a checkpoint of "
-                f"{manifest['world_size']} ranks has exactly {sorted(needed)} ({what[0]} "
+                f"{path / MANIFEST} lists {sorted(listed) or 'no files'}, a checkpoint written by "
+                f"{manifest['world_size']} rank(s) has exactly {sorted(needed)} ({what[0]} "
                 f"{'missing' if needed - listed else 'unexpected'})")
         m = re.fullmatch(r"step_(\d+)", path.name)
         if m and int(m.group(1)) != manifest["step"]:
