@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ramda_ds.training.launch import (corpus, loop_config, read_args, run_to_end, start,
-                                      validate_common, wrap)
+from ramda_ds.training.launch import (corpus, loop_config, make_task, read_args,
+                                      run_to_end, start, validate_common, wrap)
 from ramda_ds.training.run_checkpoint import KEEP_LAST
 
 
@@ -47,6 +47,7 @@ class FinetuneArgs:
     save_every: int = 0
     keep_last: int = KEEP_LAST
     resume: str = ""
+    allow_hparam_change: bool = False  # resume although lam/units differ (recorded in metrics)
     precision: str = "auto"
     fsdp2: bool = False
     seed: int = 0
@@ -146,13 +147,12 @@ def main(argv=None):
 
     from ramda_ds.metrics import tensor_sparsity
     from ramda_ds.training.loop import train, unwrap
-    from ramda_ds.training.tasks import StreamTask
 
     acc, precision, out = start(a)
     # fp32 master weights whatever the checkpoint's dtype (--precision sets the compute dtype)
     model = AutoModelForCausalLM.from_pretrained(a.model_path, dtype=torch.float32)
     train_ids, valid_ids = tokenize(acc, a, model.config.vocab_size, out)
-    task = StreamTask(acc, train_ids, valid_ids, a.batch_size, a.seq_len, causal_lm_forward)
+    task = make_task(acc, a, train_ids, valid_ids, a.seq_len, causal_lm_forward)
     blocks = getattr(getattr(model, "model", None), "layers", None) or \
         getattr(getattr(model, "transformer", None), "h", [])
     model, opt, setup = wrap(acc, a, model, blocks, precision, unit_groups(a),

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ramda_ds.training.launch import (OPTIMIZERS, corpus, loop_config, read_args, run_to_end, start,
-                                      validate_common, wrap)
+from ramda_ds.training.launch import (OPTIMIZERS, corpus, loop_config, make_task, read_args,
+                                      run_to_end, start, validate_common, wrap)
 from ramda_ds.training.run_checkpoint import KEEP_LAST
 
 
@@ -44,6 +44,8 @@ class RunArgs:
     save_every: int = field(default=200, metadata={"help": "checkpoint period; 0: end/SIGTERM only"})
     keep_last: int = KEEP_LAST
     resume: str = field(default="", metadata={"help": "'auto' (latest checkpoint) or a directory"})
+    allow_hparam_change: bool = field(default=False, metadata={
+        "help": "resume although lam/grouping differ from the checkpoint's (recorded)"})
     precision: str = field(default="auto", metadata={"help": "auto (bf16 on a bf16 GPU) | bf16 | no"})
     fsdp2: bool = False
     seed: int = 0
@@ -60,6 +62,12 @@ def validate(a: RunArgs) -> None:
     validate_common(a, (a.train_file, a.valid_file, a.tokenizer))
     if a.grouping not in ("input", "output"):
         raise SystemExit(f"grouping must be input or output, got {a.grouping!r}")
+    if a.preset not in ("tiny", "base"):
+        raise SystemExit(f"preset must be tiny or base, got {a.preset!r}")
+    if not (a.dropout == -1 or 0 <= a.dropout < 1):
+        raise SystemExit(f"dropout must be in [0, 1) (or -1: the preset's), got {a.dropout}")
+    if a.vocab_size < 8 and not a.tokenizer:
+        raise SystemExit(f"vocab_size must be >= 8, got {a.vocab_size}")
 
 
 def lm_groups(a: RunArgs):
@@ -75,7 +83,6 @@ def main(argv=None):
     from ramda_ds.models import TransfoXLConfig, TransfoXLLM
     from ramda_ds.training.loop import train
     from ramda_ds.training import data
-    from ramda_ds.training.tasks import StreamTask
 
     acc, precision, out = start(a)
     train_file, valid_file = corpus(acc, a, out)
@@ -92,7 +99,7 @@ def main(argv=None):
     if a.dropout >= 0:
         cfg.dropout = a.dropout
     model = TransfoXLLM(cfg)
-    task = StreamTask(acc, train_ids, valid_ids, a.batch_size, cfg.tgt_len, txl_forward)
+    task = make_task(acc, a, train_ids, valid_ids, cfg.tgt_len, txl_forward)
     model, opt, setup = wrap(acc, a, model, model.layers, precision, lm_groups(a))
     loop = loop_config(a)
     rows = run_to_end(acc, lambda: train(acc, model, opt, task, loop, setup))

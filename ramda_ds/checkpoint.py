@@ -174,6 +174,16 @@ def full_state(files) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
+def saved_steps(files) -> dict[str, float]:
+    """Each saved parameter's own step counter (from the metadata; no tensor is read)."""
+    out = {}
+    for name, pieces in SavedFragments(files).by_name.items():
+        steps = [e["scalars"]["step"][0] for e, _, _ in pieces if "step" in e["scalars"]]
+        if steps:
+            out[name] = max(steps)
+    return out
+
+
 def plan_load(optimizer, files):
     """Check the checkpoint against this rank's tensors; return ``apply()`` that reads this
     rank's ranges and copies them in.

@@ -155,7 +155,8 @@ def test_sigterm_saves_and_exits_then_resumes(tmp_path):
     p = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not (out / "metrics.jsonl").exists() or "step" not in (out / "metrics.jsonl").read_text():
+    # the first evaluation row (step 4); the setup row's "step_start" does not count
+    while not (out / "metrics.jsonl").exists() or '"step": ' not in (out / "metrics.jsonl").read_text():
         assert p.poll() is None and time.time() < deadline, p.communicate()[1][-3000:]
         time.sleep(0.5)
     p.send_signal(signal.SIGTERM)

@@ -58,21 +58,86 @@ def read_args(cls, argv=None):
 
 def validate_common(a, files) -> None:
     """The checks both scripts share; fail before any process group starts, naming the problem."""
+    import math
+
     if a.optimizer not in OPTIMIZERS:
         raise SystemExit(f"unknown optimizer {a.optimizer!r}; choose one of {OPTIMIZERS}")
-    if a.lam < 0:
+    if not (math.isfinite(a.lr) and a.lr > 0):
+        raise SystemExit(f"lr must be a finite number > 0, got {a.lr}")
+    if not (math.isfinite(a.lam) and a.lam >= 0):
         raise SystemExit(f"lam must be >= 0, got {a.lam}")
+    if a.optimizer in ("ramda", "rmda", "proxsgd"):
+        if not 0 < a.momentum <= 1:
+            raise SystemExit(f"momentum (the paper's c, weight of the new point) must be in (0, 1], "
+                             f"got {a.momentum}")
+        from ..optim.base import averaging_weight
+
+        try:
+            averaging_weight(None, a.momentum)  # refuses torch-convention values such as 0.9
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+    if not (math.isfinite(a.grad_clip) and a.grad_clip >= 0):
+        raise SystemExit(f"grad_clip must be >= 0 (0: no clipping), got {a.grad_clip}")
+    if getattr(a, "solver", "pg") not in ("pg", "exact"):
+        raise SystemExit(f"solver must be pg or exact, got {a.solver!r}")
     for f in files:
         if f and not f.startswith("hf:") and not Path(f).exists():
             raise SystemExit(f"file not found: {f}")
+    for name in ("train_file", "valid_file"):
+        f = getattr(a, name, "")
+        if f and not f.startswith("hf:") and not _has_text(Path(f)):
+            raise SystemExit(f"{name} {f} is empty (no text to train or evaluate on)")
     if a.steps < 1 or a.batch_size < 1 or a.grad_accum < 1 or a.eval_every < 1 or a.keep_last < 1:
         raise SystemExit("steps, batch_size, grad_accum, eval_every and keep_last must be >= 1")
+    if getattr(a, "seq_len", 1) < 1:
+        raise SystemExit(f"seq_len must be >= 1, got {a.seq_len}")
+    if a.save_every < 0:
+        raise SystemExit(f"save_every must be >= 0 (0: save only at the end and on SIGTERM), got "
+                         f"{a.save_every}")
+    try:
+        ms = parse_milestones(str(a.milestones))
+    except ValueError:
+        raise SystemExit(f"milestones must be comma-separated step numbers such as 400,800, got "
+                         f"{a.milestones!r}") from None
+    if any(m < 1 for m in ms) or list(ms) != sorted(set(ms)):
+        raise SystemExit(f"milestones must be strictly increasing steps >= 1, got {a.milestones!r}")
+    late = [m for m in ms if m >= a.steps]
+    if late:
+        print(f"note: milestones {late} are not before --steps {a.steps}: no restart happens at "
+              "them in this run (they do when it is resumed with more steps)", file=sys.stderr)
     if a.precision not in ("auto", "bf16", "no"):
         raise SystemExit(f"precision must be auto, bf16 or no, got {a.precision!r}")
     if a.resume and a.resume != "auto" and not Path(a.resume).exists():
         raise SystemExit(f"checkpoint not found: {a.resume}")
     if a.resume and a.optimizer == "adamw":
         raise SystemExit("resuming needs a ramda_ds optimizer; the AdamW baseline keeps no checkpoints")
+    if Path(a.output_dir).exists() and not Path(a.output_dir).is_dir():
+        raise SystemExit(f"output_dir {a.output_dir} exists and is not a directory")
+
+
+def _has_text(path: Path) -> bool:
+    """Whether ``path`` holds anything but whitespace (read until the first such byte)."""
+    if path.suffix in (".json", ".jsonl", ".parquet"):
+        return path.stat().st_size > 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            if chunk.strip():
+                return True
+    return False
+
+
+def make_task(acc, a, train_ids, valid_ids, seq_len: int, forward):
+    """The LM task, once the token streams are known to fill the global batch (each of its rows
+    needs >= 2 tokens: an input and its next token)."""
+    from .tasks import StreamTask
+
+    rows = a.batch_size * acc.num_processes
+    for what, ids in (("training", train_ids), ("validation", valid_ids)):
+        if ids.numel() < 2 * rows:
+            raise SystemExit(f"the {what} text gives {ids.numel()} tokens, too few for a global "
+                             f"batch of {rows} rows (at least {2 * rows}): give more text or a "
+                             "smaller --batch_size")
+    return StreamTask(acc, train_ids, valid_ids, a.batch_size, seq_len, forward)
 
 
 def resolve_precision(p: str) -> str:
@@ -196,4 +261,5 @@ def loop_config(a, **extra):
 
     return LoopConfig(steps=a.steps, output_dir=a.output_dir, grad_accum=a.grad_accum,
                       grad_clip=a.grad_clip, eval_every=a.eval_every, save_every=a.save_every,
-                      keep_last=a.keep_last, resume=a.resume, **extra)
+                      keep_last=a.keep_last, resume=a.resume,
+                      allow_hparam_change=a.allow_hparam_change, **extra)

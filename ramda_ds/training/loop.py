@@ -3,13 +3,21 @@ checkpoints every N steps and on SIGTERM, exact resume (also at another world si
 
 A *task* supplies what depends on the model family (see :class:`Task`); the loop owns the rest.
 Positions are counted in micro-batches consumed per rank, so a resumed run reads exactly the
-batches the uninterrupted run would have read.
+batches the uninterrupted run would have read (position = step × grad_accum, checked on resume).
+
+Divergence stops the run with exit code 3 and nothing of the diverged state saved: a non-finite
+gradient (the optimizer's FloatingPointError), a mean training loss that is not finite or whose
+perplexity exp(loss) overflows (loss > 709.78 nats), or a non-finite evaluation value (e.g.
+validation perplexity inf). A training loss or gradient of step k measures the state after step
+k − 1: a checkpoint of step k − 1 is therefore moved to ``checkpoints/diverged/`` and ``latest``
+points at the newest earlier one; all other checkpoints stay.
 """
 
 from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +31,8 @@ from .run_checkpoint import KEEP_LAST, RunCheckpointer, restore_rng, rng_state
 from .run_logger import RunLogger
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: schedulers and torchrun --max-restarts treat it as a failure
+DIVERGED_EXIT = 3  # a restart with the same settings would diverge again
+LOG_MAX = math.log(sys.float_info.max)  # exp(loss) overflows beyond this (709.78)
 
 
 @dataclass
@@ -35,6 +45,7 @@ class LoopConfig:
     save_every: int = 0  # 0: only at the end and on SIGTERM
     keep_last: int = KEEP_LAST
     resume: str = ""  # "", "auto" (latest under output_dir/checkpoints) or a checkpoint directory
+    allow_hparam_change: bool = False  # resume although λ / regularizer / grouping changed
     structured: bool = False  # report sparsity of RAMDA's Ŵ (keep_structured) instead of W
 
 
@@ -48,7 +59,7 @@ class Task(Protocol):
 
 
 class Preemption:
-    """SIGTERM sets a flag; ranks agree on it (one max-reduce) at the next step boundary."""
+    """SIGTERM sets a flag; ranks agree on it at the next step boundary (:func:`step_boundary`)."""
 
     def __init__(self):
         self.flag = False
@@ -57,12 +68,21 @@ class Preemption:
     def _handler(self, signum, frame):
         self.flag = True
 
-    def agreed(self, acc) -> bool:
-        t = torch.tensor([float(self.flag)], device=acc.device)
-        return bool(world_sum_(t).item() > 0)
-
     def close(self):
         signal.signal(signal.SIGTERM, self._old)
+
+
+def step_boundary(acc, preempt, losses) -> tuple[bool, float]:
+    """(SIGTERM on any rank, mean training loss of the step over all ranks): one all-reduce."""
+    flag = float(preempt.flag) if preempt else 0.0
+    t = torch.stack([torch.tensor(flag, device=acc.device), torch.stack(losses).mean().float()])
+    t = world_sum_(t)
+    return bool(t[0].item() > 0), t[1].item() / acc.num_processes
+
+
+def diverged(value: float) -> bool:
+    """A loss that is not finite, or whose perplexity exp(loss) overflows."""
+    return not math.isfinite(value) or value > LOG_MAX
 
 
 def unwrap(opt):
@@ -100,11 +120,15 @@ def _resume(acc, ramda, task: Task, cfg: LoopConfig, ckpt: RunCheckpointer):
         path = ckpt.resolve(cfg.resume)
         if path is None:  # --resume auto, nothing saved yet: a fresh start
             return 0, 0, None, []
-        loaded = ckpt.load(path, ramda)
+        loaded = ckpt.load(path, ramda, cfg.allow_hparam_change)
         mine = dict(task.meta(), grad_accum=cfg.grad_accum)
         saved = {k: loaded.meta.get(k) for k in mine}
         if mine != saved:
             raise CheckpointError(f"this run's {mine} != the checkpoint's {saved}")
+        position = loaded.meta.get("position")
+        if position != loaded.step * cfg.grad_accum:  # micro-batches per rank
+            raise CheckpointError(f"the manifest's data position {position!r} is not step "
+                                  f"{loaded.step} × grad_accum {cfg.grad_accum}: it is wrong")
     except CheckpointError as e:
         raise SystemExit(f"cannot resume from {cfg.resume}: {e}") from None
     loaded.apply()
@@ -139,36 +163,66 @@ def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict) -> list[dic
                     f"{acc.num_processes} processes)")
         if moved:
             log.message(f"checkpoints after step {step} moved to {ckpt.root / 'abandoned'}: {moved}")
-    log.setup(dict(setup, event="resume" if step else "setup", step_start=step))
+    changes = loaded.changes if loaded else []
+    for c in changes:
+        log.message(f"--allow_hparam_change: {c['setting']} {c['checkpoint']!r} → {c['now']!r} "
+                    f"on {c['tensors']} tensors (e.g. {c['first']}) from step {step} on")
+    log.setup(dict(setup, event="resume" if step else "setup", step_start=step,
+                   **(dict(hparam_changes=changes) if changes else {})))
     preempt = Preemption() if ckpt else None
     rows, tokens, train_time, start = [], 0, 0.0, step
     batches = task.batches(position)
+
+    def stop_diverged(at: int, why: str, row: dict, before: bool):
+        """Log the row, set aside a checkpoint of the diverged state, say what is kept, exit.
+        ``before``: ``why`` was measured on the state of step ``at - 1`` (a training loss or
+        gradient of step ``at``), which may have been saved. Every rank gets here together."""
+        rows.append(dict(row, step=at, diverged=True))
+        log.log(rows[-1])
+        # ``before``: the checkpoint of step at - 1, if any, holds the diverged state
+        moved, latest = ckpt.discard(at - 1 if before else at) if ckpt else (False, None)
+        if acc.is_main_process:
+            print(f"step {at}: the run diverged: {why}. Stopped without saving this state" +
+                  (f"; the checkpoint of step {at - 1}, which holds the state that diverged, was "
+                   f"moved to {ckpt.root / 'diverged'}" if moved else "") +
+                  (f"; {ckpt.root / 'latest'} names {latest}: resume from it with a lower --lr "
+                   "or a stronger --grad_clip" if latest else "; no good checkpoint is kept") +
+                  ".", file=sys.stderr, flush=True)
+        raise SystemExit(DIVERGED_EXIT)
+
     try:
         while step < cfg.steps:
             losses, t0 = [], time.perf_counter()
-            for _ in range(cfg.grad_accum):
-                batch = next(batches)
-                position += 1
-                with acc.accumulate(model):
-                    loss = task.loss(model, batch)
-                    acc.backward(loss)
-                    if acc.sync_gradients:
-                        if cfg.grad_clip > 0:
-                            acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                        opt.step()
-                        opt.zero_grad()
-                losses.append(loss.detach())
-                tokens += batch[1].numel() * acc.num_processes
+            try:
+                for _ in range(cfg.grad_accum):
+                    batch = next(batches)
+                    position += 1
+                    with acc.accumulate(model):
+                        loss = task.loss(model, batch)
+                        acc.backward(loss)
+                        if acc.sync_gradients:
+                            if cfg.grad_clip > 0:
+                                acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                            opt.step()
+                            opt.zero_grad()
+                    losses.append(loss.detach())
+                    tokens += batch[1].numel() * acc.num_processes
+            except FloatingPointError as e:  # raised on every rank (the optimizer agrees on it)
+                stop_diverged(step + 1, str(e).rstrip("."), dict(error="non-finite gradient"), True)
             train_time += time.perf_counter() - t0
             step += 1
             log.advance()
             # SIGTERM: save right away (the launcher kills after TORCH_ELASTIC_SHUTDOWN_TIMEOUT)
-            stop = preempt is not None and preempt.agreed(acc)
+            stop, mean_loss = step_boundary(acc, preempt, losses)
+            if diverged(mean_loss):
+                stop_diverged(step, f"mean training loss {mean_loss:g}", dict(loss=mean_loss), True)
             if not stop and (step % cfg.eval_every == 0 or step == cfg.steps):
-                mean_loss = world_sum_(torch.stack(losses).mean().float()).item() / acc.num_processes
                 row = dict(step=step, loss=mean_loss,
                            **task.evaluate(model), **structure_metrics(ramda, cfg.structured),
                            tokens_per_s=round(tokens / train_time, 1))
+                bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+                if bad:
+                    stop_diverged(step, ", ".join(f"{k} {row[k]}" for k in bad), row, False)
                 rows.append(row)
                 log.log(row)
                 log.message(f"step {step}: loss {row['loss']:.3f}" + "".join(
@@ -178,15 +232,20 @@ def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict) -> list[dic
                 try:
                     where = ckpt.save(step, ramda, meta, {**rng_state(), **task.carry()})
                 except CheckpointError as e:
-                    raise SystemExit(f"saving the checkpoint of step {step} failed (the previous "
-                                     f"one is intact): {e}") from None
+                    raise SystemExit(f"saving the checkpoint of step {step} failed; the previous "
+                                     f"checkpoint and {ckpt.root / 'latest'} are intact: {e}") \
+                        from None
                 if stop:
                     log.message(f"SIGTERM: saved {where} at step {step}; resume with --resume auto")
                     raise SystemExit(PREEMPTED_EXIT)
     finally:
         if preempt:
             preempt.close()
-        log.close()
+        try:
+            log.close()
+        except OSError as e:  # e.g. the disk is full: keep the error that stopped the run
+            print(f"warning: could not finish metrics/plot in {cfg.output_dir}: {e}",
+                  file=sys.stderr, flush=True)
     if rows:
         last = rows[-1]
         log_line = (f"step {step}: validation perplexity {last.get('valid_ppl', math.nan):.2f}, "

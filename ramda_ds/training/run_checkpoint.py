@@ -4,15 +4,20 @@
       latest                        "step_00000600" — replaced (atomically) after every rank finished
       step_00000600/
         manifest.json               step, world size, fingerprint, run metadata, size + sha256 per file
+        manifest.sha256             sha256 of manifest.json: the manifest is verified like the files
         weights/rank{r}.safetensors master weights + optimizer state of rank r (ramda_ds.checkpoint)
         trainer/rank{r}.safetensors RNG states and carried tensors (e.g. Transformer-XL memory)
       step_00000800.partial/        a save in progress, or one killed: never read, removed next save
 
 A save writes into ``*.partial``; rank 0 writes the manifest only after all ranks' files are on
 disk, renames the directory, then moves ``latest`` and deletes all but the newest ``keep_last``.
-Killing any process at any point leaves the previous checkpoint and ``latest`` intact. Loading
-checks the manifest, the fingerprint (parameter names/shapes, regularizer layout, optimizer) and
-every file's sha256 before changing anything. Requires a filesystem shared by all ranks.
+Killing any process at any point leaves the previous checkpoint and ``latest`` intact; so does an
+error of any kind on any rank (disk full, ...), which every rank raises as the same CheckpointError
+(the half-written ``*.partial`` is removed). Loading checks, before changing anything: the manifest
+against its own hash and its fields (types, the files every saved rank must have, the step against
+the directory name and against the optimizer's per-tensor step counters), the fingerprint
+(parameter names/shapes, optimizer, and the objective: regularizer, grouping, λ) and every file's
+sha256. Requires a filesystem shared by all ranks.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,12 +36,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import CheckpointError, plan_load, write_shard
+from ..checkpoint import CheckpointError, plan_load, saved_steps, write_shard
 
 KEEP_LAST = 2  # complete checkpoints kept by default (RunCheckpointer, LoopConfig, the scripts)
 LATEST = "latest"
 MANIFEST = "manifest.json"
-FORMAT = "ramda_ds.run/1"
+MANIFEST_SHA = "manifest.sha256"
+FORMAT = "ramda_ds.run/2"  # /1 had no manifest hash
+OBJECTIVE = ("regularizer", "grouping", "lam")  # per parameter: what the loss being minimized is
 
 
 def _dist():
@@ -45,18 +53,23 @@ def _dist():
 
 
 def fingerprint(optimizer) -> dict:
-    """What must match to resume: optimizer class and, per parameter, shape and regularizer layout."""
+    """What must match to resume: optimizer class and, per parameter, shape and the objective
+    (regularizer, grouping, λ; see :func:`compare_fingerprints`)."""
     params = {}
     for g in optimizer.param_groups:
         # DeepSpeed replaces ``params`` by flat partitions but keeps names and shapes
+        reg = g.get("regularizer")
         for name, shape in zip(g["param_names"], g["param_shapes"]):
-            params[name] = dict(shape=list(shape), regularizer=g.get("regularizer"),
-                                grouping=g.get("grouping") if g.get("regularizer") else None)
+            params[name] = dict(shape=list(shape), regularizer=reg,
+                                grouping=g.get("grouping") if reg else None,
+                                lam=float(g.get("lam", 0.0)) if reg else None)
     return dict(optimizer=type(optimizer).__name__, params=params)
 
 
-def compare_fingerprints(saved: dict, current: dict) -> None:
-    """Raise CheckpointError naming the first difference."""
+def compare_fingerprints(saved: dict, current: dict, allow_change: bool = False) -> list[dict]:
+    """Raise CheckpointError naming the first difference. A changed objective setting
+    (regularizer, grouping, λ) is refused too unless ``allow_change``; then the changes are
+    returned, one entry per (setting, old, new) with the tensors it applies to."""
     if saved["optimizer"] != current["optimizer"]:
         raise CheckpointError(f"checkpoint was written by {saved['optimizer']}, this run uses "
                               f"{current['optimizer']}")
@@ -65,11 +78,20 @@ def compare_fingerprints(saved: dict, current: dict) -> None:
         only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
         raise CheckpointError("checkpoint is of a different model: parameters only in the "
                               f"checkpoint {only_a[:3]}, only in this model {only_b[:3]}")
+    changes: dict[tuple, list[str]] = {}
     for name in a:
-        for key in ("shape", "regularizer", "grouping"):
+        if a[name]["shape"] != b[name]["shape"]:
+            raise CheckpointError(f"{name}: checkpoint shape {a[name]['shape']!r} != this run's "
+                                  f"{b[name]['shape']!r}")
+        for key in OBJECTIVE:
             if a[name][key] != b[name][key]:
-                raise CheckpointError(f"{name}: checkpoint {key} {a[name][key]!r} != this run's "
-                                      f"{b[name][key]!r}")
+                if not allow_change:
+                    raise CheckpointError(
+                        f"{name}: checkpoint {key} {a[name][key]!r} != this run's {b[name][key]!r} "
+                        "(the objective would change; pass --allow_hparam_change to resume anyway)")
+                changes.setdefault((key, a[name][key], b[name][key]), []).append(name)
+    return [dict(setting=k, checkpoint=old, now=new, tensors=len(names), first=names[0])
+            for (k, old, new), names in changes.items()]
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -100,13 +122,69 @@ def _sha256(path: Path) -> tuple[int, str]:
     return path.stat().st_size, h.hexdigest()
 
 
-def _write_text(path: Path, text: str) -> None:
+def _write_tmp(path: Path, text: str) -> Path:
+    """``text`` written and fsynced to ``path`` + ".tmp" (to be renamed over ``path``)."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return tmp
+
+
+def _why(e: BaseException) -> str:
+    """An exception as one line, with a hint when the disk is full."""
+    text = f"{type(e).__name__}: {e}"
+    if getattr(e, "errno", None) == 28 or "No space left" in text or "StorageFull" in text:
+        text += " (the disk is full: free space under output_dir, or lower --keep_last)"
+    return text
+
+
+def _read_latest(root: Path) -> str:
+    """The checkpoint name in ``root/latest``; CheckpointError if it is not one."""
+    raw = (root / LATEST).read_bytes()
+    try:
+        name = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        name = None
+    if name is None or not re.fullmatch(r"step_\d+", name):
+        raise CheckpointError(f"{root / LATEST} is corrupt ({raw[:40]!r}): it should hold a "
+                              "checkpoint name such as step_00000600; pass --resume with the "
+                              "checkpoint directory you want")
+    if not (root / name).is_dir():
+        raise CheckpointError(f"{root / LATEST} names {name}, which does not exist in {root}")
+    return name
+
+
+def _check_manifest(m, where: Path) -> None:
+    """Types of every field the loader uses (a KeyError would leave the other ranks waiting)."""
+    def bad(what):
+        raise CheckpointError(f"{where} is malformed: {what}")
+
+    for key, kind in dict(step=int, world_size=int, fingerprint=dict, meta=dict,
+                          files=dict).items():
+        if key not in m:
+            bad(f"no {key!r}")
+        if not isinstance(m[key], kind) or isinstance(m[key], bool):
+            bad(f"{key!r} must be {kind.__name__}")
+    if m["step"] < 1 or m["world_size"] < 1:
+        bad(f"step {m['step']} and world_size {m['world_size']} must be >= 1")
+    fp = m["fingerprint"]
+    if not isinstance(fp.get("optimizer"), str) or not isinstance(fp.get("params"), dict):
+        bad("the fingerprint needs 'optimizer' and 'params'")
+    for name, entry in fp["params"].items():
+        if not isinstance(entry, dict) or not {"shape", *OBJECTIVE} <= entry.keys():
+            bad(f"fingerprint entry of {name} lacks shape/{'/'.join(OBJECTIVE)}")
+    for rel, info in m["files"].items():
+        if not (isinstance(info, dict) and isinstance(info.get("bytes"), int)
+                and isinstance(info.get("sha256"), str)):
+            bad(f"files[{rel!r}] needs 'bytes' and 'sha256'")
+
+
+def expected_files(world_size: int) -> set[str]:
+    """The files a checkpoint written by ``world_size`` ranks holds (each listed with its hash)."""
+    return {f"{kind}/rank{r}.safetensors" for kind in ("weights", "trainer")
+            for r in range(world_size)}
 
 
 @dataclass
@@ -120,6 +198,7 @@ class Loaded:
     meta: dict
     trainer: list
     apply: object
+    changes: list = None  # objective settings changed on resume (compare_fingerprints)
 
 
 class RunCheckpointer:
@@ -154,9 +233,10 @@ class RunCheckpointer:
 
     # ------------------------------------------------------------------ saving
     def save(self, step: int, optimizer, meta: dict, tensors: dict[str, torch.Tensor]) -> Path:
-        """Every rank calls this at the same step; returns the final directory. Raises
-        CheckpointError on every rank if any rank failed (e.g. disk full, no shared filesystem);
-        the previous checkpoint and ``latest`` are then untouched."""
+        """Every rank calls this at the same step; returns the final directory. An error of any
+        kind on any rank (disk full, no shared filesystem, ...) makes every rank raise the same
+        CheckpointError right after that phase; the previous checkpoint and ``latest`` are then
+        untouched and the half-written ``*.partial`` is removed."""
         name = f"step_{step:08d}"
         part, final = self.root / f"{name}.partial", self.root / name
         error = None
@@ -165,23 +245,27 @@ class RunCheckpointer:
                 for stale in self.root.glob("*.partial"):
                     shutil.rmtree(stale, ignore_errors=True)
                 part.mkdir(parents=True)
-            except OSError as e:
-                error = f"cannot create {part}: {e}"
+            except Exception as e:
+                error = f"cannot create {part}: {_why(e)}"
         self.agree(error)
-        mine = {}
+        # agreed before any rank writes: a sharded view's first segments() is a collective
+        self._agree_or_clean(None if part.is_dir() else
+                             f"rank {self.rank}: {part} (made by rank 0) is not visible here: "
+                             "output_dir must be on a filesystem shared by all ranks", part)
+        mine, f = {}, None
         try:
-            if not part.is_dir():
-                raise OSError(f"{part} (made by rank 0) is not visible here: output_dir must be "
-                              "on a filesystem shared by all ranks")
-            shard = part / "weights" / f"rank{self.rank}.safetensors"
-            write_shard(optimizer, shard, writer=optimizer.view.sharded or self.rank == 0)
-            trainer = part / "trainer" / f"rank{self.rank}.safetensors"
-            trainer.parent.mkdir(exist_ok=True)
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(trainer))
-            mine = {str(f.relative_to(part)): _sha256(f) for f in (shard, trainer)}
-        except OSError as e:
-            error = str(e)
-        self.agree(error)
+            f = part / "weights" / f"rank{self.rank}.safetensors"
+            write_shard(optimizer, f, writer=optimizer.view.sharded or self.rank == 0)
+            f = part / "trainer" / f"rank{self.rank}.safetensors"
+            f.parent.mkdir(exist_ok=True)
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(f))
+            f = None
+            mine = {str(x.relative_to(part)): _sha256(x) for x in (
+                part / "weights" / f"rank{self.rank}.safetensors",
+                part / "trainer" / f"rank{self.rank}.safetensors")}
+        except Exception as e:  # safetensors raises SafetensorError, not OSError, on a full disk
+            error = f"rank {self.rank}: writing {f or part} failed: {_why(e)}"
+        self._agree_or_clean(error, part)
         every = [mine]
         d = _dist()
         if d:
@@ -190,23 +274,38 @@ class RunCheckpointer:
         if self.rank == 0:
             try:
                 files = {k: dict(bytes=s, sha256=h) for r in every for k, (s, h) in r.items()}
-                missing = [k for k in files if not (part / k).exists()]
+                missing = sorted(expected_files(self.world) - set(files)) or \
+                    [k for k in files if not (part / k).exists()]
                 if missing:
                     raise OSError(f"{part / missing[0]} written by another rank is not visible "
                                   "on rank 0: output_dir must be on a shared filesystem")
-                manifest = dict(format=FORMAT, step=step, world_size=self.world,
-                                fingerprint=fingerprint(optimizer), meta=meta, files=files)
-                _write_text(part / MANIFEST, json.dumps(manifest, indent=1))
+                manifest = json.dumps(dict(format=FORMAT, step=step, world_size=self.world,
+                                           fingerprint=fingerprint(optimizer), meta=meta,
+                                           files=files), indent=1)
+                os.replace(_write_tmp(part / MANIFEST, manifest), part / MANIFEST)
+                digest = hashlib.sha256(manifest.encode()).hexdigest()
+                os.replace(_write_tmp(part / MANIFEST_SHA, digest + "\n"), part / MANIFEST_SHA)
+                pointer = _write_tmp(self.root / LATEST, name)  # the last write that can fail
                 if final.exists():  # not the target of `latest` (see set_aside_after)
                     self._remove(final)
                 os.replace(part, final)
-                _write_text(self.root / LATEST, name)
-            except OSError as e:
-                error = str(e)
+                os.replace(pointer, self.root / LATEST)
+            except Exception as e:
+                error = f"rank 0: writing {part} failed: {_why(e)}"
             else:
                 self._prune(keep=final)
-        self.agree(error)
+        self._agree_or_clean(error, part)
         return final
+
+    def _agree_or_clean(self, error: str | None, part: Path) -> None:
+        """:meth:`agree`; on any rank's error rank 0 first removes what this save wrote."""
+        try:
+            self.agree(error)
+        except CheckpointError:
+            if self.rank == 0:
+                shutil.rmtree(part, ignore_errors=True)
+                (self.root / (LATEST + ".tmp")).unlink(missing_ok=True)
+            raise
 
     def _remove(self, d: Path) -> None:
         """Delete a checkpoint so that a kill midway leaves no half directory that looks complete."""
@@ -229,21 +328,53 @@ class RunCheckpointer:
         """Resuming at ``step``: move this root's checkpoints of later steps (an abandoned future
         of the run) to ``abandoned/``, so new saves neither collide with nor are pruned in favour
         of them; nothing is deleted. Rank 0 only; returns what was moved."""
-        moved = []
-        if self.rank != 0 or not self.root.is_dir():
-            return moved
-        later = [p for p in self.root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial")
-                 and int(p.name.split("_")[1]) > step]
-        if later:
-            dest = self.root / "abandoned" / f"after_step_{step:08d}_{int(time.time())}"
-            dest.mkdir(parents=True)
-            for p in sorted(later):
-                os.replace(p, dest / p.name)
-                moved.append(p.name)
-            latest = self.root / LATEST
-            if latest.exists() and latest.read_text().strip() in moved:
-                latest.unlink()  # the next save writes it again
+        moved, error = [], None
+        if self.rank == 0 and self.root.is_dir():
+            try:
+                later = [p for p in self.root.glob("step_*") if p.is_dir() and
+                         re.fullmatch(r"step_\d+", p.name) and int(p.name[5:]) > step]
+                if later:
+                    dest = self.root / "abandoned" / f"after_step_{step:08d}_{int(time.time())}"
+                    dest.mkdir(parents=True)
+                    for p in sorted(later):
+                        os.replace(p, dest / p.name)
+                        moved.append(p.name)
+                    latest = self.root / LATEST
+                    if latest.exists() and latest.read_bytes().decode(errors="replace").strip() \
+                            in moved:
+                        latest.unlink()  # the next save writes it again
+            except Exception as e:
+                error = f"cannot set aside the checkpoints after step {step}: {_why(e)}"
+        self.agree(error)
         return moved
+
+    def discard(self, step: int, why: str = "diverged") -> tuple[bool, str | None]:
+        """A state found bad after it was saved (its next step's loss diverged): move checkpoint
+        ``step``, if there is one, to ``root/why/`` and point ``latest`` at the newest earlier
+        complete checkpoint (removed when there is none). Every rank calls this; returns
+        (whether a checkpoint was moved, the name ``latest`` holds now or None)."""
+        out, error = (False, None), None
+        if self.rank == 0 and self.root.is_dir():
+            try:
+                d = self.root / f"step_{step:08d}"
+                latest = self.root / LATEST
+                if d.is_dir():
+                    (self.root / why).mkdir(exist_ok=True)
+                    os.replace(d, self.root / why / f"{d.name}_{int(time.time())}")
+                    done = sorted(p.name for p in self.root.glob("step_*") if p.is_dir() and
+                                  re.fullmatch(r"step_\d+", p.name) and int(p.name[5:]) < step
+                                  and (p / MANIFEST).exists())
+                    if done:
+                        os.replace(_write_tmp(latest, done[-1]), latest)
+                    else:
+                        latest.unlink(missing_ok=True)
+                    out = (True, done[-1] if done else None)
+                elif latest.exists():
+                    out = (False, _read_latest(self.root))
+            except Exception as e:
+                error = f"cannot set aside the checkpoint of step {step}: {_why(e)}"
+        self.agree(error)
+        return self.from_rank0(out)
 
     # ------------------------------------------------------------------ loading
     def resolve(self, spec: str) -> Path | None:
@@ -252,17 +383,28 @@ class RunCheckpointer:
         Decided by rank 0 for everyone."""
         def find():
             if spec == "auto":
-                latest = self.root / LATEST
-                return str(self.root / latest.read_text().strip()) if latest.exists() else None
+                exists = (self.root / LATEST).exists()
+                return str(self.root / _read_latest(self.root)) if exists else None
             p = Path(spec)
             for root in (p, p / "checkpoints"):
                 if (root / LATEST).exists():
-                    return str(root / (root / LATEST).read_text().strip())
-            return str(p) if p.exists() else f"missing:{spec}"
-        found = self.from_rank0(find() if self.rank == 0 else None)
-        if found and found.startswith("missing:"):
-            raise CheckpointError(f"checkpoint {spec} does not exist")
-        return Path(found) if found else None
+                    return str(root / _read_latest(root))
+            if not p.exists():
+                raise CheckpointError(f"checkpoint {spec} does not exist")
+            return str(p)
+
+        found = None
+        if self.rank == 0:
+            try:
+                found = ("ok", find())
+            except CheckpointError as e:
+                found = ("error", str(e))
+            except Exception as e:
+                found = ("error", f"cannot read {spec}: {_why(e)}")
+        kind, value = self.from_rank0(found)
+        if kind == "error":
+            raise CheckpointError(value)
+        return Path(value) if value else None
 
     def has_checkpoints(self) -> bool:
         """Whether root holds a ``latest`` (as rank 0 sees it)."""
@@ -276,7 +418,11 @@ class RunCheckpointer:
             if not f.exists():
                 problems.append(f"{f} is missing")
                 continue
-            size, digest = _sha256(f)
+            try:
+                size, digest = _sha256(f)
+            except Exception as e:
+                problems.append(f"cannot read {f}: {_why(e)}")
+                continue
             if size != info["bytes"] or digest != info["sha256"]:
                 problems.append(f"{f} is corrupt or truncated ({size} bytes, sha256 {digest[:12]}…;"
                                 f" the manifest says {info['bytes']} bytes, {info['sha256'][:12]}…)")
@@ -288,43 +434,81 @@ class RunCheckpointer:
         if problems:
             raise CheckpointError(problems[0])
 
-    def load(self, path: Path, optimizer) -> Loaded:
-        """Read and check everything (manifest, fingerprint, sha256, shapes, state keys); every
-        rank calls it and every rank raises the same CheckpointError if any rank finds a problem.
-        Each rank reads only the weight/state ranges it will hold (in ``apply``)."""
+    def load(self, path: Path, optimizer, allow_change: bool = False) -> Loaded:
+        """Read and check everything (manifest and its hash, its fields against each other and
+        against the files, fingerprint, sha256, shapes, state keys); every rank calls it and every
+        rank raises the same CheckpointError if any rank finds a problem. A changed objective
+        setting is refused unless ``allow_change`` (then listed in ``Loaded.changes``). Each rank
+        reads only the weight/state ranges it will hold (in ``apply``)."""
         path = Path(path)
-        manifest, error = None, None
+        manifest, error, changes = None, None, []
         try:
             manifest = self._manifest(path)
-            compare_fingerprints(manifest["fingerprint"], fingerprint(optimizer))
+            changes = compare_fingerprints(manifest["fingerprint"], fingerprint(optimizer),
+                                           allow_change)
         except CheckpointError as e:
             error = str(e)
+        except Exception as e:
+            error = f"cannot read {path / MANIFEST}: {_why(e)}"
         self.agree(error)
-        self._verify(path, manifest["files"])
-        world = manifest["world_size"]
+        self._verify(path, manifest["files"])  # every listed file is what the manifest says
+        world, step = manifest["world_size"], manifest["step"]
+        shards = [path / "weights" / f"rank{r}.safetensors" for r in range(world)]
         apply, trainer = None, []
         try:
-            apply = plan_load(optimizer, [path / "weights" / f"rank{r}.safetensors"
-                                          for r in range(world)])
+            counted = saved_steps(shards)  # per tensor, by the optimizer itself
+            if counted and max(counted.values()) != step:
+                name = max(counted, key=counted.get)
+                raise CheckpointError(
+                    f"{path / MANIFEST} says step {step}, but the optimizer state in it has "
+                    f"taken {int(max(counted.values()))} steps ({name}): the manifest is wrong")
+            apply = plan_load(optimizer, shards)
             for r in range(world):
                 with safe_open(str(path / "trainer" / f"rank{r}.safetensors"), "pt") as h:
                     trainer.append({k: h.get_tensor(k) for k in h.keys()})
         except CheckpointError as e:
             error = str(e)
-        except Exception as e:  # unreadable trainer file
-            error = f"cannot read the trainer state in {path}: {e}"
+        except Exception as e:  # e.g. an unreadable trainer file
+            error = f"cannot read the checkpoint {path}: {_why(e)}"
         self.agree(error)
-        return Loaded(path, manifest["step"], world, manifest["meta"], trainer, apply)
+        return Loaded(path, step, world, manifest["meta"], trainer, apply, changes)
 
     @staticmethod
     def _manifest(path: Path) -> dict:
+        """The manifest, checked against its hash, its own fields and the directory's name."""
         try:
-            manifest = json.loads((path / MANIFEST).read_text())
+            raw = (path / MANIFEST).read_bytes()
         except FileNotFoundError:
             raise CheckpointError(f"{path} is not a complete checkpoint (no {MANIFEST}: the save "
                                   "was interrupted, or this is not a checkpoint directory)") from None
+        try:
+            manifest = json.loads(raw.decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{path / MANIFEST} is corrupt: {e}") from None
+        if not isinstance(manifest, dict):
+            raise CheckpointError(f"{path / MANIFEST} is malformed: not a JSON object")
         if manifest.get("format") != FORMAT:
-            raise CheckpointError(f"{path}: unknown checkpoint format {manifest.get('format')!r}")
+            old = " (written by an older ramda_ds, whose manifest is not verified)" \
+                if manifest.get("format") == "ramda_ds.run/1" else ""
+            raise CheckpointError(f"{path}: unknown checkpoint format "
+                                  f"{manifest.get('format')!r}{old}; this version reads {FORMAT}")
+        sidecar = path / MANIFEST_SHA
+        if not sidecar.exists():
+            raise CheckpointError(f"{path} has no {MANIFEST_SHA}: the manifest cannot be verified")
+        digest = sidecar.read_bytes()[:64].decode("ascii", errors="replace")
+        if hashlib.sha256(raw).hexdigest() != digest:
+            raise CheckpointError(f"{path / MANIFEST} does not match its sha256 in {MANIFEST_SHA} "
+                                  "(edited or corrupt): it is not trusted")
+        _check_manifest(manifest, path / MANIFEST)
+        listed, needed = set(manifest["files"]), expected_files(manifest["world_size"])
+        if listed != needed:
+            what = sorted(needed - listed) or sorted(listed - needed)
+            raise CheckpointError(
+                f"{path / MANIFEST} lists {sorted(listed) or 'no files'}, a checkpoint written by "
+                f"{manifest['world_size']} rank(s) has exactly {sorted(needed)} ({what[0]} "
+                f"{'missing' if needed - listed else 'unexpected'})")
+        m = re.fullmatch(r"step_(\d+)", path.name)
+        if m and int(m.group(1)) != manifest["step"]:
+            raise CheckpointError(f"{path / MANIFEST} says step {manifest['step']}, the "
+                                  f"directory is {path.name}")
         return manifest

@@ -59,7 +59,8 @@ class StreamTask:
                 tot, n = tot + loss.item() * y.numel(), n + y.numel()
         t = world_sum_(torch.tensor([tot, n], dtype=torch.float64, device=self.acc.device))
         model.train()
-        return dict(valid_ppl=math.exp(t[0].item() / t[1].item()))
+        mean = t[0].item() / t[1].item()
+        return dict(valid_ppl=math.inf if mean > 709.78 else math.exp(mean))  # overflow: inf
 
     def meta(self) -> dict:
         return dict(global_batch=self.global_batch, seq_len=self.seq_len,
