@@ -79,8 +79,11 @@ class RamdaMixin:
             raise ValueError(f"ramda.optimizer must be one of {OPTIMIZERS}, got "
                              f"{self.ramda.optimizer!r}")
         self.ramda_view, self._partitioned_at_load = None, 0
+        targs = kwargs.get("args", args[1] if len(args) > 1 else None)
+        if targs is not None:
+            refuse_unsupported(targs)  # before the Trainer creates anything
         super().__init__(*args, **kwargs)
-        refuse_unsupported(self)
+        refuse_fsdp1(self)
 
     # ------------------------------------------------------------------ optimizer and view
     def create_optimizer(self, model=None):
@@ -189,19 +192,20 @@ def has_dtensors(model) -> bool:
     return model is not None and any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def refuse_unsupported(trainer) -> None:
+def refuse_unsupported(args) -> None:
     """Configurations that would replace the optimizer or not be exact: stop, saying what to change."""
-    if trainer.args.weight_decay:
-        raise ValueError(f"weight_decay={trainer.args.weight_decay} would be ignored: ramda_ds "
-                         "optimizers regularize with RamdaConfig(lam=...); set weight_decay=0")
     from accelerate.utils import DistributedType
 
-    if trainer.args.world_size > 1 and trainer.accelerator.distributed_type == DistributedType.NO:
-        raise ValueError(f"{trainer.args.world_size} processes, but accelerate sees no distributed "
-                         "setup (an FSDP config on CPU?): nothing would be gathered across ranks and "
-                         "the loss would be scaled wrong. On CPU set ACCELERATE_USE_CPU=true (or call "
+    if args.weight_decay:
+        raise ValueError(f"weight_decay={args.weight_decay} would be ignored: ramda_ds "
+                         "optimizers regularize with RamdaConfig(lam=...); set weight_decay=0")
+    state = args.distributed_state
+    if args.world_size > 1 and state is not None and state.distributed_type == DistributedType.NO:
+        raise ValueError(f"{args.world_size} processes, but accelerate sees no distributed setup "
+                         "(an FSDP config on CPU?): nothing would be gathered across ranks and the "
+                         "loss would be scaled wrong. On CPU set ACCELERATE_USE_CPU=true (or call "
                          "ramda_ds.hf.setup.cpu_friendly() first) and pass --ddp_backend gloo")
-    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    plugin = getattr(args, "deepspeed_plugin", None)
     if plugin is not None:
         cfg = plugin.deepspeed_config
         if "optimizer" in cfg:
@@ -213,9 +217,13 @@ def refuse_unsupported(trainer) -> None:
             device = (zero.get(key) or {}).get("device", "none")
             if device not in (None, "none"):
                 raise ValueError(f"ZeRO-Offload ({key}: {device}) is not supported with a "
-                                 "ramda_ds optimizer (its sharded view needs the ZeRO optimizer "
-                                 f"on the accelerator): set zero_optimization.{key}.device "
-                                 "to \"none\" (or use more GPUs / ZeRO-3)")
+                                 "ramda_ds optimizer: it would step on CPU partitions that the "
+                                 "ramda_ds ZeRO views do not describe, so sharded == unsharded is "
+                                 f"not assured. Set zero_optimization.{key}.device to \"none\" "
+                                 "(fit the model with ZeRO-3 over more GPUs instead)")
+
+
+def refuse_fsdp1(trainer) -> None:
     fsdp = getattr(trainer.accelerator.state, "fsdp_plugin", None)
     if fsdp is not None and getattr(fsdp, "fsdp_version", 1) != 2:
         raise ValueError("FSDP1 flattens the parameters, which hides the units from the "
