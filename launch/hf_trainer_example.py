@@ -49,6 +49,8 @@ def main():
                            data_collator=default_data_collator, ramda=RamdaConfig(lam=a.lam, momentum=a.momentum))
     trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
     trainer.save_model()
+    trainer.accelerator.wait_for_everyone()  # gloo aborts a process whose peer has already left
+    trainer.accelerator.end_training()
 
 
 if __name__ == "__main__":

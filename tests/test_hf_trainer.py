@@ -156,6 +156,9 @@ def test_one_process_trains_logs_and_checkpoints_in_ramda_format(runs):
     for name, t in w.items():
         assert torch.equal(state[name]["param"].view_as(t), t), name
     assert {"grad_sum", "grad_sq_sum", "initial", "structured"} <= set(state["lm_head.weight"])
+    meta = json.loads((ck / "ramda_ds_trainer.json").read_text())
+    assert meta["optimizer"] == "RAMDA" and meta["step"] == 4 and meta["world_size"] == 1
+    assert meta["base_model"] == str((runs.d / "llama").resolve())
 
 
 def test_trainer_checkpoint_resumed_equals_uninterrupted(runs):

@@ -13,7 +13,8 @@ is the ramda_ds one. What it changes, and why:
 * Checkpoints: ``checkpoint-N/ramda_ds_optim/`` holds the optimizer state and fp32 master weights in
   the world-size independent ramda_ds format (:mod:`ramda_ds.checkpoint`, safetensors, no pickle)
   instead of DeepSpeed's ``global_step*`` / FSDP's / ``optimizer.pt``; ``resume_from_checkpoint``
-  reads it under any backend and world size. RNG, data position and the LR scheduler are the
+  reads it under any backend and world size. ``checkpoint-N/ramda_ds_trainer.json`` names the
+  optimizer, step, world size and base model (for export). RNG, data position and the LR scheduler are the
   Trainer's own files.
 * ``log`` adds, to each training log row, the weighted group sparsity of the weights the model
   holds (``wgs``; RAMDA also ``wgs_structured``, of Ŵ), the units kept per tensor and the solver
@@ -144,10 +145,27 @@ class RamdaMixin:
     # ------------------------------------------------------------------ checkpoints
     def _save_optimizer_and_scheduler(self, output_dir):
         save_optimizer_state(self.ramda_optimizer, Path(output_dir) / OPTIM_DIR)  # all ranks
-        if self.args.should_save and self.lr_scheduler is not None:
+        if not self.args.should_save:
+            return
+        if self.lr_scheduler is not None:
             from transformers.trainer import SCHEDULER_NAME
 
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+        self._write_checkpoint_meta(Path(output_dir))
+
+    def _write_checkpoint_meta(self, out: Path) -> None:
+        """``checkpoint-N/ramda_ds_trainer.json``: what a reader (export) needs besides the state."""
+        import json
+
+        base = getattr(getattr(self.accelerator.unwrap_model(self.model), "config", None),
+                       "_name_or_path", "") or ""
+        if base and Path(base).exists():
+            base = str(Path(base).resolve())
+        meta = dict(format="ramda_ds.trainer/1", step=self.state.global_step,
+                    world_size=self.args.world_size, state_dir=OPTIM_DIR,
+                    optimizer=type(self.ramda_optimizer).__name__, base_model=base,
+                    ramda=asdict(self.ramda))
+        (out / "ramda_ds_trainer.json").write_text(json.dumps(meta, indent=1))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         if checkpoint is None:
