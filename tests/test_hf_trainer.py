@@ -208,7 +208,7 @@ names = sys.argv[1].split(",")
 if "world" not in names:
     cpu_friendly()
 out = {}
-for name in names:
+for name in [n for n in names if n != "other_units"]:
     model = AutoModelForCausalLM.from_pretrained("llama")
     kw, extra = cases[name] or {}, {}
     if name == "optimizers":
@@ -219,6 +219,16 @@ for name in names:
         RamdaTrainer(model=model, args=args, train_dataset=[], ramda=RamdaConfig(), **extra)
     except ValueError as e:
         out[name] = str(e)
+if "other_units" in names:  # resuming a checkpoint of other units: refused before any step
+    model = AutoModelForCausalLM.from_pretrained("llama")
+    args = TrainingArguments(output_dir="o_other_units", report_to="none", use_cpu=True,
+                             max_steps=4, weight_decay=0.0)
+    data = [dict(input_ids=[2] * 16, labels=[2] * 16)] * 8
+    t = RamdaTrainer(model=model, args=args, train_dataset=data, ramda=RamdaConfig(units="ffn"))
+    try:
+        t.train(resume_from_checkpoint="ref/checkpoint-2")
+    except ValueError as e:
+        out["other_units"] = str(e)
 print("REFUSED " + json.dumps(out))
 '''
 
@@ -228,11 +238,12 @@ def refused(stdout: str) -> dict:
 
 
 def test_refused_configurations_stop_before_anything_is_written(runs):
-    d = runs.d
+    d = runs.get("ref").parent
     (d / "refusals.py").write_text(REFUSALS)
     env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(free_port()))
-    p = run([sys.executable, "refusals.py", "ds_optimizer,offload,weight_decay,optimizers"], d, env=env)
+    cases = "ds_optimizer,offload,weight_decay,optimizers,other_units"
+    p = run([sys.executable, "refusals.py", cases], d, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     msg = refused(p.stdout)
     assert "names its own optimizer ('AdamW')" in msg["ds_optimizer"]
@@ -240,13 +251,14 @@ def test_refused_configurations_stop_before_anything_is_written(runs):
     assert "offload_optimizer.device" in msg["offload"] and "ZeRO-Offload" in msg["offload"]
     assert "set weight_decay=0" in msg["weight_decay"]
     assert "drop optimizers=(opt, ...)" in msg["optimizers"]
+    assert "units: 'ffn,heads' there, 'ffn' here" in msg["other_units"]
     # 2 processes that accelerate does not see as distributed (fsdp2.yaml on CPU without
     # ACCELERATE_USE_CPU): the loss would be scaled by the world size
     p = run([*ACCELERATE, "--config_file", str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"),
              "--main_process_port", str(free_port()), "refusals.py", "world"], d)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "ACCELERATE_USE_CPU=true" in refused(p.stdout)["world"]
-    assert not list(d.glob("o_*"))
+    assert not [f for o in d.glob("o_*") for f in o.rglob("*")]  # (Trainer.train makes o_other_units)
 
 
 SFT = r'''

@@ -108,10 +108,10 @@ class RamdaMixin:
         # the view is attached instead
         model, dl = super()._prepare_for_training(max_steps, train_dataloader, None)
         self.ramda_view = attach(self.optimizer, model)
-        self._write_setup(model)
         if resume_from_checkpoint is not None:
             self._load_optimizer_and_scheduler(resume_from_checkpoint)
             self._load_scaler(resume_from_checkpoint)
+        self._write_setup(model)
         return model, dl
 
     def _write_setup(self, model) -> None:
@@ -174,6 +174,19 @@ class RamdaMixin:
         if not path.is_dir():
             raise ValueError(f"{checkpoint} has no {OPTIM_DIR}/: it was not written by a "
                              "RamdaTrainer, so the RAMDA state to continue from is missing")
+        meta_file = Path(checkpoint) / "ramda_ds_trainer.json"
+        if meta_file.exists():
+            import json
+
+            saved = json.loads(meta_file.read_text()).get("ramda", {})
+            mine = json.loads(json.dumps(asdict(self.ramda)))
+            diff = {k: (saved.get(k), mine[k]) for k in ("optimizer", "units", "groups")
+                    if saved.get(k) != mine[k]}
+            if diff:
+                what = ", ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in diff.items())
+                raise ValueError(f"{checkpoint} was trained with other units or another "
+                                 f"optimizer ({what}): resume with the RamdaConfig it was "
+                                 "written with")
         load_optimizer_state(self.ramda_optimizer, path)  # also the fp32 master weights
         sched = Path(checkpoint) / "scheduler.pt"
         if self.lr_scheduler is not None and sched.exists():
@@ -258,7 +271,7 @@ def structure_logs(opt, per_tensor: bool = True) -> dict:
     """
     rows = tensor_sparsity(opt)
     out = {"wgs": wgs_of(rows)}
-    if any("structured" in st for st in opt.state.values()):
+    if opt.defaults.get("keep_structured"):  # the same on every rank (the count is collective)
         out["wgs_structured"] = wgs_of(tensor_sparsity(opt, structured=True))
     if per_tensor:
         out.update({f"units_kept/{r.name}": r.groups - r.zero_groups for r in rows})
