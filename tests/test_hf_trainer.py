@@ -1,7 +1,8 @@
 """Hugging Face ``Trainer`` + RAMDA (``ramda_ds.hf``) through ``launch/hf_trainer_example.py``: one
-process, DeepSpeed ZeRO-2 and ZeRO-3 (``zero3_init_flag``) and FSDP2 at 2 ranks through
-``accelerate launch``, equal to the 1-process run with the same global batch; a Trainer checkpoint
-resumed equals the uninterrupted run; refused configurations; TRL's ``SFTTrainer``.
+process, DeepSpeed ZeRO-2 (with gradient accumulation) and ZeRO-3 (``zero3_init_flag``) and FSDP2
+at 2 ranks through ``accelerate launch``, equal to the 1-process run with the same global batch;
+a Trainer checkpoint resumed equals the uninterrupted run, also across backends (ZeRO-3 → FSDP2);
+refused configurations; TRL's ``SFTTrainer``.
 
 The runs share one tiny Llama (saved with ``save_pretrained``, with a word-level tokenizer) and are
 cached per module: the FSDP2 run continues the ZeRO-3 run's ``checkpoint-2``.
@@ -57,11 +58,18 @@ class Runs:
         "ref": lambda: [sys.executable, EXAMPLE, "--use_cpu", "--per_device_train_batch_size", "4"],
         "resumed": lambda: [sys.executable, EXAMPLE, "--use_cpu", "--per_device_train_batch_size",
                             "4", "--resume_from_checkpoint", "ref/checkpoint-2"],
-        "zero2": lambda: [*ACCELERATE, "--use_deepspeed", "--zero_stage", "2", "--num_processes",
-                          "2", "--main_process_port", str(free_port()), EXAMPLE,
-                          "--ddp_backend", "gloo", "--per_device_train_batch_size", "2"],
+        # 1 sample × 2 accumulated micro-batches × 2 ranks
+        "zero2_accum": lambda: [*ACCELERATE, "--use_deepspeed", "--zero_stage", "2",
+                                "--gradient_accumulation_steps", "2", "--num_processes", "2",
+                                "--main_process_port", str(free_port()), EXAMPLE, "--ddp_backend",
+                                "gloo", "--per_device_train_batch_size", "1",
+                                "--gradient_accumulation_steps", "2"],
         "zero3": lambda: [*ACCELERATE, "--use_deepspeed", "--zero_stage", "3", "--zero3_init_flag",
                           "true", "--zero3_save_16bit_model", "true", "--num_processes", "2",
+                          "--main_process_port", str(free_port()), EXAMPLE, "--ddp_backend",
+                          "gloo", "--per_device_train_batch_size", "2"],
+        "fsdp2": lambda: [*ACCELERATE, "--config_file",
+                          str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"),
                           "--main_process_port", str(free_port()), EXAMPLE, "--ddp_backend",
                           "gloo", "--per_device_train_batch_size", "2"],
         "fsdp2_from_zero3": lambda: [*ACCELERATE, "--config_file",
@@ -168,8 +176,8 @@ def test_trainer_checkpoint_resumed_equals_uninterrupted(runs):
     assert train_rows(ref) == train_rows(resumed)  # loss, grad norm, WGS, units, solver iterations
 
 
-def test_zero2_two_ranks_equal_one_process(runs):
-    out = runs.get("zero2")
+def test_zero2_two_ranks_with_accumulation_equal_one_process(runs):
+    out = runs.get("zero2_accum")
     s = setup(out)
     assert s["view"] == "ZeroFlatView" and s["world_size"] == 2 and s["distributed_type"] == "DEEPSPEED"
     assert_same_run(runs.get("ref"), out)
@@ -183,11 +191,13 @@ def test_zero3_partitioned_at_load_equals_one_process(runs):
     assert_same_run(runs.get("ref"), out)
 
 
-def test_fsdp2_continues_a_zero3_checkpoint_and_equals_one_process(runs):
+@pytest.mark.parametrize("name", ["fsdp2", "fsdp2_from_zero3"])
+def test_fsdp2_two_ranks_equal_one_process_also_continuing_a_zero3_checkpoint(runs, name):
     """accelerate does not apply FSDP on CPU: the example shards with fully_shard itself."""
-    out = runs.get("fsdp2_from_zero3")
+    out = runs.get(name)
     s = setup(out)
     assert s["view"] == "FSDP2View" and s["world_size"] == 2 and s["dtensor_params"] == 21
+    assert s["distributed_type"] == "MULTI_CPU"  # accelerate sees the 2 ranks (ACCELERATE_USE_CPU)
     assert_same_run(runs.get("ref"), out)
 
 
