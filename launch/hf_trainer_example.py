@@ -1,16 +1,17 @@
 """Structured-sparse fine-tuning with Hugging Face ``Trainer`` + RAMDA (copy and adapt).
 
     python launch/hf_trainer_example.py --model_path MODEL --train_file data.txt --output_dir out
-    accelerate launch --use_deepspeed --zero_stage 3 --zero3_init_flag true --num_processes 8 \\
-        launch/hf_trainer_example.py --model_path MODEL --train_file data.txt --output_dir out
+    accelerate launch --use_deepspeed --zero_stage 3 --zero3_init_flag true --zero3_save_16bit_model \\
+        true --num_processes 8 launch/hf_trainer_example.py --model_path MODEL --train_file data.txt \\
+        --output_dir out
     accelerate launch --config_file configs/accelerate/fsdp2.yaml \\
         launch/hf_trainer_example.py --model_path MODEL --train_file data.txt --output_dir out
 
 Any ``TrainingArguments`` flag works (``--deepspeed ds_config.json``, ``--max_steps``,
-``--save_steps``, ``--resume_from_checkpoint out/checkpoint-200``). MODEL is a local directory with
-a tokenizer; the text is cut into blocks of ``--block_size`` tokens. The units (FFN neurons,
-attention heads) are group-lasso regularized with ``--lam``; each log row reports the weighted
-group sparsity and units kept.
+``--save_steps``, ``--resume_from_checkpoint out/checkpoint-200``; on CPU ``--ddp_backend gloo``
+for 2+ processes). MODEL is a local directory with a tokenizer; the text is cut into blocks of
+``--block_size`` tokens. The units (FFN neurons, attention heads) are group-lasso regularized with
+``--lam``; each log row reports the weighted group sparsity and units kept.
 """
 
 from dataclasses import dataclass
@@ -46,7 +47,8 @@ def main():
     blocks = [ids[i:i + n] for i in range(0, len(ids) - n + 1, n)]
     data = [dict(input_ids=b, labels=b) for b in blocks]
     trainer = RamdaTrainer(model=model, args=targs, train_dataset=data,
-                           data_collator=default_data_collator, ramda=RamdaConfig(lam=a.lam, momentum=a.momentum))
+                           data_collator=default_data_collator,
+                           ramda=RamdaConfig(lam=a.lam, momentum=a.momentum))
     trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
     trainer.save_model()
     trainer.accelerator.wait_for_everyone()  # gloo aborts a process whose peer has already left
