@@ -72,44 +72,20 @@ def validate(a: FinetuneArgs) -> None:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(a.model_path))
+    from ramda_ds.hf.units import unit_patterns
+
     try:
-        unit_patterns(model, a)
+        unit_patterns(model, a.units, a.groups)
     except ValueError as e:
         raise SystemExit(str(e)) from None
 
 
-def unit_patterns(model, a: FinetuneArgs) -> dict[str, str]:
-    """``{pattern: grouping rule}`` of the prunable units; ValueError if one matches nothing."""
-    from fnmatch import fnmatch
-
-    names = [n for n, _ in model.named_parameters()]
-    if a.groups:
-        rules = dict(item.split("=", 1) for item in a.groups.split(";") if item.strip())
-    else:
-        cfg = model.config
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        candidates = {"ffn": {"*.mlp.down_proj.weight": "input", "*.mlp.c_proj.weight": "output"},
-                      "heads": {"*.self_attn.o_proj.weight": f"head:{head_dim}"}}
-        rules = {pat: rule for unit in a.units.split(",") for pat, rule in candidates[unit].items()
-                 if any(fnmatch(n, pat) for n in names)}
-        if not rules:
-            raise ValueError("found no prunable units (mlp.down_proj / mlp.c_proj / "
-                             f"self_attn.o_proj) in {type(model).__name__}; pass --groups")
-    for pat in rules:
-        if not any(fnmatch(n, pat) for n in names):
-            raise ValueError(f"group pattern {pat!r} matches no parameter of "
-                             f"{type(model).__name__} (e.g. {names[-1]!r})")
-    return rules
-
-
 def unit_groups(a: FinetuneArgs):
-    """The prunable units (``unit_patterns``) regularized, everything else free."""
-    from ramda_ds.param_groups import build_param_groups
+    """The prunable units (:mod:`ramda_ds.hf.units`) regularized, everything else free."""
+    from ramda_ds.hf.units import unit_param_groups
 
     def groups_of(model):
-        rules = unit_patterns(model, a)
-        return build_param_groups(model, "group_lasso", lam=a.lam, include=list(rules),
-                                  grouping=rules)
+        return unit_param_groups(model, a.lam, a.units, a.groups)
     return groups_of
 
 
