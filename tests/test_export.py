@@ -257,10 +257,13 @@ def test_llama_fsdp2_run_exports_both_layouts(runs, tmp_path):
     assert type(u).__name__ == "LlamaForCausalLM" and u.config.intermediate_size % 8 == 0
     assert rel_diff(logits(dense, X), logits(u, X)) <= RTOL
     assert (tmp_path / "uni" / "sentencepiece.model").exists()  # the run's tokenizer
-    # both load in a process that cannot import ramda_ds
+    # both load in a process where importing ramda_ds fails (the venv may have it installed)
     torch.save(X, tmp_path / "x.pt")
-    code = ("import importlib.util, sys, torch\n"
-            "assert importlib.util.find_spec('ramda_ds') is None\n"
+    code = ("import sys, torch\n"
+            "class Block:  # any import of ramda_ds fails\n"
+            "    def find_spec(self, name, *a):\n"
+            "        if name.split('.')[0] == 'ramda_ds': raise ImportError('ramda_ds imported')\n"
+            "sys.meta_path.insert(0, Block())\n"
             "from transformers import AutoModelForCausalLM as A\n"
             "x = torch.load('x.pt')\n"
             "u = A.from_pretrained('uni'); p = A.from_pretrained('per_layer', trust_remote_code=True)\n"
@@ -312,3 +315,45 @@ def test_run_without_structured_point_says_to_export_w(runs, tmp_path):
     r = export_run(tmp_path / "pg", tmp_path / "out", weights="W", verbose=False)
     assert r["weights"] == "W"
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+
+
+def test_export_refuses_when_pruned_logits_differ(tmp_path, monkeypatch):
+    """The check before writing: a pruning that changed the function is refused, nothing written."""
+    import ramda_ds.export.api as api
+
+    real = api.P.prune
+
+    def wrong(*a):
+        sd, sizes = real(*a)
+        sd["model.layers.1.mlp.up_proj.weight"] = sd["model.layers.1.mlp.up_proj.weight"] * 1.001
+        return sd, sizes
+    monkeypatch.setattr(api.P, "prune", wrong)
+    m = llama_with_zeros()
+    with pytest.raises(ExportError, match="logits differ"):
+        export_weights(dict(m.named_parameters()), tmp_path / "out", config=m.config, verbose=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_live_model_and_optimizer_export(tmp_path):
+    """export_model on an unsharded RAMDA run in this process: Ŵ of the optimizer, not W."""
+    from ramda_ds.export import export_model
+    from ramda_ds.optim import RAMDA
+    from ramda_ds.param_groups import build_param_groups
+
+    m = tiny_llama(initializer_range=0.1)
+    groups = build_param_groups(m, "group_lasso", lam=1e-2, grouping={
+        "*.mlp.down_proj.weight": "input", "*.self_attn.o_proj.weight": "head:8"},
+        include=["*.mlp.down_proj.weight", "*.self_attn.o_proj.weight"])
+    opt = RAMDA(groups, lr=1e-2, keep_structured=True)
+    for _ in range(4):
+        x = torch.randint(0, 300, (4, 16))
+        m(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    r = export_model(m, opt, tmp_path / "out", verbose=False)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(opt.state[p]["structured"].view_as(p))
+    m2 = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    assert r["params_after"] < r["params_before"]
+    assert rel_diff(logits(m, X), logits(m2, X)) <= RTOL
