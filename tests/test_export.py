@@ -341,7 +341,7 @@ def test_live_model_and_optimizer_export(tmp_path):
     from ramda_ds.param_groups import build_param_groups
 
     m = tiny_llama(initializer_range=0.1)
-    groups = build_param_groups(m, "group_lasso", lam=1e-2, grouping={
+    groups = build_param_groups(m, "group_lasso", lam=3e-2, grouping={
         "*.mlp.down_proj.weight": "input", "*.self_attn.o_proj.weight": "head:8"},
         include=["*.mlp.down_proj.weight", "*.self_attn.o_proj.weight"])
     opt = RAMDA(groups, lr=1e-2, keep_structured=True)
