@@ -33,6 +33,14 @@ class ExportError(ValueError):
 
 
 # ---------------------------------------------------------------------------- sources
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def find_checkpoint(path) -> Path:
     """A checkpoint directory (has manifest.json), a checkpoints root, or a run's output_dir."""
     p = Path(path)
@@ -59,8 +67,7 @@ def read_checkpoint(path, weights: str = "structured"):
     for rel, info in sorted(manifest["files"].items()):
         if rel.startswith("weights/"):
             f = ckpt / rel
-            if not f.exists() or f.stat().st_size != info["bytes"] or \
-                    hashlib.sha256(f.read_bytes()).hexdigest() != info["sha256"]:
+            if not f.exists() or f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
                 raise ExportError(f"{f} is missing, truncated or corrupt (sha256 differs from the "
                                   "manifest)")
     try:
