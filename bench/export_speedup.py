@@ -13,7 +13,7 @@ latency at batch 1 and throughput (tokens/s) at batch 8, interleaved, medians; m
 quality model and on a wider random Llama pruned to the same per-layer kept fractions (the tiny
 model's time is mostly per-op overhead).
 
-    python bench/export_speedup.py [--steps 150 --lam 2e-3 --hidden 64 --device cpu]
+    python bench/export_speedup.py [--steps 150 --lam 3e-4 --hidden 64 --device cpu]
 
 The last line printed is a one-line JSON summary.
 """
@@ -169,7 +169,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--hidden", type=int, default=64, help="width of the quality model")
-    ap.add_argument("--lam", type=float, default=2e-3)
+    ap.add_argument("--lam", type=float, default=3e-4)
     ap.add_argument("--lr", type=float, default=1e-2, help="RAMDA lr (AdamW: --adamw_lr)")
     ap.add_argument("--adamw_lr", type=float, default=3e-3)
     ap.add_argument("--batch", type=int, default=8)

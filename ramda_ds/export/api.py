@@ -212,8 +212,9 @@ def pruned_config(cfg, fam, sizes: list[dict], layout: str):
     from . import modeling_ramda_pruned as M
 
     cfg_cls, model_cls = PER_LAYER_CLASSES[fam.name]
-    d.update(layer_sizes=sizes, auto_map={"AutoConfig": f"modeling_ramda_pruned.{cfg_cls}",
-                                          "AutoModelForCausalLM": f"modeling_ramda_pruned.{model_cls}"})
+    auto_map = {"AutoConfig": f"modeling_ramda_pruned.{cfg_cls}",
+                "AutoModelForCausalLM": f"modeling_ramda_pruned.{model_cls}"}
+    d.update(layer_sizes=sizes, auto_map=auto_map)
     return getattr(M, cfg_cls)(**d)
 
 

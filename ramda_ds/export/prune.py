@@ -96,10 +96,9 @@ def _t(sd, key):
 
 
 class _Layer:
-    """Per-unit slices of one layer's tensors, in a family-independent form.
-
-    ``ffn_in(j)``: list of (key, dim, index) of unit j's input tensors; ``ffn_out``: the output
-    weight with units along ``dim``; same for heads (``head_dim`` rows/columns per head)."""
+    """One layer's tensors seen per unit (row u = unit u), whatever the family's layout:
+    ``ffn_out`` / ``ffn_in`` [units, ...] output / input weights of FFN units, ``head_out`` /
+    ``head_in`` [heads, ...] of query heads."""
 
     def __init__(self, fam: Family, sd, cfg, i: int):
         self.fam, self.sd, self.s, self.p = fam, sd, fam.sizes(cfg), fam.layers.format(i=i)
@@ -115,16 +114,7 @@ class _Layer:
         """[units, hidden] per input projection (rows of gate/up, columns of c_fc)."""
         if self.fam is GPT2:
             return [_t(self.sd, self.p + "mlp.c_fc.weight").t()]
-        return [_t(self.sd, self.p + "mlp.gate_proj.weight"), _t(self.sd, self.p + "mlp.up_proj.weight")]
-
-    def ffn_fold(self):
-        """Per unit: the constant it outputs when its input weights are zero (tensor [units]),
-        or None where that is not a constant of the unit alone."""
-        if self.fam is GPT2:
-            b = self.sd.get(self.p + "mlp.c_fc.bias")
-            return F.gelu(b, approximate="tanh") if b is not None else None  # GPT-2's gelu_new
-        # SwiGLU silu(gate·x + bg)·(up·x + bu): zero gate row, no gate bias -> silu(0)=0
-        return None
+        return [_t(self.sd, self.p + f"mlp.{n}.weight") for n in ("gate_proj", "up_proj")]
 
     def ffn_removable(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(drop, fold): bool [units] masks of units whose output weights are zero, and of the
@@ -172,7 +162,7 @@ def zero_units(fam: Family, sd: dict, cfg) -> list[dict]:
     for i in range(fam.sizes(cfg)["layers"]):
         L = _Layer(fam, sd, cfg, i)
         drop, fold = L.ffn_removable()
-        fnorm = L.ffn_out().double().square().sum(1) + sum(w.double().square().sum(1) for w in L.ffn_in())
+        fnorm = sum(w.double().square().sum(1) for w in [L.ffn_out(), *L.ffn_in()])
         hnorm = L.head_out().double().square().sum(1) + L.head_in().double().square().sum(1)
         out.append(dict(ffn=drop | fold, fold=fold, heads=L.head_removable(), ffn_norm=fnorm,
                         head_norm=hnorm))
@@ -216,7 +206,8 @@ def _heads(zero, norm, H, KV, n_kv: int | None, g_new: int | None):
     return kv, q, g_new
 
 
-def plan(fam: Family, cfg, zeros: list[dict], layout: str = "per_layer", multiple_of: int = 1) -> list[Keep]:
+def plan(fam: Family, cfg, zeros: list[dict], layout: str = "per_layer",
+         multiple_of: int = 1) -> list[Keep]:
     """What each layer keeps. ``per_layer``: its own live units (at least one of each kind; a
     padding unit adds zero). ``uniform``: the same counts in every layer — FFN: the maximum over
     layers rounded up to ``multiple_of``; heads: the smallest (K/V, query-per-K/V) counts that
@@ -237,8 +228,8 @@ def plan(fam: Family, cfg, zeros: list[dict], layout: str = "per_layer", multipl
         need = [_heads(z["heads"], z["head_norm"], H, KV, None, None) for z in zeros]
         need_kv, need_g = max(len(kv) for kv, _, _ in need), max(gg for _, _, gg in need)
         # the fewest heads in total that hold every layer's live heads and that the config takes
-        cands = sorted((k * gg, k, gg) for k in range(need_kv, KV + 1) for gg in range(need_g, g + 1)
-                       if fam.uniform_heads_ok(cfg, k * gg, k))
+        cands = sorted((k * gg, k, gg) for k in range(need_kv, KV + 1)
+                       for gg in range(need_g, g + 1) if fam.uniform_heads_ok(cfg, k * gg, k))
         _, n_kv, g_new = cands[0]
     keeps = []
     for z, lf, lh in zip(zeros, live_f, live_h):
