@@ -1,0 +1,344 @@
+"""Export entry points: a run checkpoint directory or a live model + optimizer → a Hugging Face
+checkpoint directory with the zero units removed (``config.json``, ``model.safetensors``, the
+tokenizer when the run had one, ``pruning.json``; ``modeling_ramda_pruned.py`` for per_layer).
+
+Both sources reduce to ``export_weights(weights, config, out, ...)``: the whole tensors by
+parameter name and the model's config. Before anything is written, the pruned model's logits are
+compared with the dense model's carrying the same weights (fp32, sample batch); the directory is
+written under a temporary name and renamed at the end, so a refusal leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import prune as P
+
+TEMPLATE = Path(__file__).with_name("modeling_ramda_pruned.py")
+RTOL = 1e-5
+PER_LAYER_CLASSES = {"llama": ("RamdaPrunedLlamaConfig", "RamdaPrunedLlamaForCausalLM"),
+                     "gpt2": ("RamdaPrunedGPT2Config", "RamdaPrunedGPT2LMHeadModel")}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+class ExportError(ValueError):
+    """The input cannot be exported as asked; nothing was written."""
+
+
+# ---------------------------------------------------------------------------- sources
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def find_checkpoint(path) -> Path:
+    """A checkpoint directory (has manifest.json), a checkpoints root, or a run's output_dir."""
+    p = Path(path)
+    for root in (p, p / "checkpoints"):
+        if (root / "latest").exists():
+            return root / (root / "latest").read_text().strip()
+    if (p / "manifest.json").exists():
+        return p
+    raise ExportError(f"{p} is not a run checkpoint (no manifest.json, no checkpoints/latest)")
+
+
+def read_checkpoint(path, weights: str = "structured"):
+    """(whole tensors by name, manifest, checkpoint dir) of a run checkpoint written by any number
+    of ranks; ``weights``: ``structured`` (RAMDA's Ŵ) or ``W`` (the master weights)."""
+    from ..checkpoint import CheckpointError, full_state
+
+    ckpt = find_checkpoint(path)
+    try:
+        manifest = json.loads((ckpt / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"cannot read {ckpt / 'manifest.json'}: {e}") from None
+    if manifest.get("format") != "ramda_ds.run/1":
+        raise ExportError(f"{ckpt}: unknown checkpoint format {manifest.get('format')!r}")
+    for rel, info in sorted(manifest["files"].items()):
+        if rel.startswith("weights/"):
+            f = ckpt / rel
+            if not f.exists() or f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
+                raise ExportError(f"{f} is missing, truncated or corrupt (sha256 differs from the "
+                                  "manifest)")
+    try:
+        state = full_state([ckpt / "weights" / f"rank{r}.safetensors"
+                            for r in range(manifest["world_size"])])
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    return pick(state, weights, manifest["fingerprint"]["optimizer"]), manifest, ckpt
+
+
+def pick(state: dict, weights: str, optimizer: str) -> dict:
+    """``{name: tensor}``: Ŵ (state ``structured``) or W (``param``) of every parameter."""
+    if weights not in ("structured", "W"):
+        raise ExportError(f"weights must be 'structured' (RAMDA's Ŵ) or 'W', got {weights!r}")
+    key = "structured" if weights == "structured" else "param"
+    missing = [n for n, st in state.items() if key not in st]
+    if missing:
+        raise ExportError(
+            f"the checkpoint has no structured point Ŵ (state 'structured') for {missing[0]}: the "
+            f"run used {optimizer}, which does not keep one (only RAMDA with keep_structured=True "
+            "does, as launch/finetune_llm.py builds it). Export its weights W with --weights W "
+            "(exactly sparse for ProxGen/ProxSGD/RMDA, and for RAMDA once its c has reached 1).")
+    return {n: st[key] for n, st in state.items()}
+
+
+def base_model_of(ckpt: Path) -> str | None:
+    """The ``model`` the run loaded, from the setup row of its metrics.jsonl."""
+    metrics = ckpt.parent.parent / "metrics.jsonl"
+    if not metrics.exists():
+        return None
+    model = None
+    for line in metrics.read_text().splitlines():
+        row = json.loads(line)
+        if row.get("event") in ("setup", "resume") and row.get("model"):
+            model = row["model"]
+    return model
+
+
+def export_run(checkpoint, out, *, layout="per_layer", multiple_of=1, weights="structured",
+               base_model=None, verbose=True) -> dict:
+    """Export a run checkpoint (any world size, any backend). The base model directory (for the
+    config, tokenizer, tied and frozen tensors) is the run's ``model`` unless given. Returns the
+    report also written to ``out/pruning.json``."""
+    out = Path(out)
+    if out.exists():
+        raise ExportError(f"output directory {out} exists; choose a new one (nothing was written)")
+    tensors, manifest, ckpt = read_checkpoint(checkpoint, weights)
+    base = base_model or base_model_of(ckpt)
+    if not base:
+        raise ExportError(f"cannot tell which base model {ckpt} was trained from (no 'model' in "
+                          f"the setup row of {ckpt.parent.parent / 'metrics.jsonl'}); pass "
+                          "--base_model DIR")
+    if not (Path(base) / "config.json").exists():
+        raise ExportError(f"base model {base} (recorded by the run) is not a local HF checkpoint "
+                          "directory with config.json; pass --base_model DIR")
+    source = dict(checkpoint=str(ckpt), step=manifest["step"], world_size=manifest["world_size"],
+                  optimizer=manifest["fingerprint"]["optimizer"], base_model=str(base))
+    return export_weights(tensors, out, base_model=base, layout=layout, multiple_of=multiple_of,
+                          weights=weights, source=source, run_dir=ckpt.parent.parent,
+                          verbose=verbose)
+
+
+def export_model(model, optimizer, out, *, layout="per_layer", multiple_of=1,
+                 weights="structured", base_model=None, verbose=True) -> dict | None:
+    """Export a live (possibly sharded) model and its ramda_ds optimizer. Every rank must call it
+    (the state is all-gathered); rank 0 writes and returns the report, other ranks None."""
+    from ..sharding.gather import gather_full_state
+    from ..training.loop import unwrap
+
+    opt = unwrap(optimizer)
+    if opt is None:
+        raise ExportError(f"{type(optimizer).__name__} is not a ramda_ds optimizer: no group "
+                          "structure to export")
+    state = gather_full_state(opt)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    inner = model
+    for attr in ("module", "_orig_mod"):  # DDP / DeepSpeed engine / compiled
+        while hasattr(inner, attr) and not hasattr(inner, "config"):
+            inner = getattr(inner, attr)
+    if not hasattr(inner, "config"):
+        raise ExportError(f"{type(model).__name__} has no HF config: export needs a "
+                          "transformers PreTrainedModel")
+    tensors = pick(state, weights, type(opt).__name__)
+    return export_weights(tensors, Path(out), config=inner.config, base_model=base_model,
+                          layout=layout, multiple_of=multiple_of, weights=weights,
+                          source=dict(optimizer=type(opt).__name__, live=True), verbose=verbose)
+
+
+# ---------------------------------------------------------------------------- the export
+def dense_model(tensors: dict, config=None, base_model=None):
+    """The dense HF model carrying ``tensors`` (fp32); parameters the optimizer did not hold
+    (frozen ones) come from ``base_model``. Refuses a checkpoint of another model."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if base_model is not None:
+        model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32)
+    else:
+        config = config if config is not None else AutoConfig.from_pretrained(base_model)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    params = dict(model.named_parameters())
+    foreign = sorted(set(tensors) - set(params))
+    if foreign:
+        raise ExportError(f"the checkpoint is of a different model than {type(model).__name__} "
+                          f"from {base_model or 'the given config'}: it holds {foreign[:3]}, which "
+                          f"this model does not have (its parameters: {list(params)[:3]} ...)")
+    for n, t in tensors.items():
+        if tuple(t.shape) != tuple(params[n].shape):
+            raise ExportError(f"the checkpoint is of a different model: {n} has shape "
+                              f"{list(t.shape)}, the model's is {list(params[n].shape)}")
+    absent = sorted(set(params) - set(tensors))
+    if absent and base_model is None:
+        raise ExportError(f"the optimizer holds no value for {absent[:3]} and no base model was "
+                          "given to take them from; pass base_model")
+    with torch.no_grad():
+        for n, t in tensors.items():
+            params[n].copy_(t)
+    model.eval()
+    return model, absent
+
+
+def pruned_config(cfg, fam, sizes: list[dict], layout: str):
+    """The config of the pruned model: the stock class with one width (uniform), or the per-layer
+    class of the modeling template with ``layer_sizes`` and ``auto_map``."""
+    d = cfg.to_dict()
+    for k in ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path"):
+        d.pop(k, None)
+    s = fam.sizes(cfg)
+    if fam is P.LLAMA:
+        d["head_dim"] = s["head_dim"]
+    if layout == "uniform":
+        s0 = sizes[0]
+        if any(x != s0 for x in sizes):
+            raise ExportError(f"uniform layout produced unequal layers: {sizes}")
+        if fam is P.GPT2:
+            d["n_inner"] = s0["intermediate_size"]
+        else:
+            d.update(s0)
+        return type(cfg)(**d)
+    from . import modeling_ramda_pruned as M
+
+    cfg_cls, model_cls = PER_LAYER_CLASSES[fam.name]
+    auto_map = {"AutoConfig": f"modeling_ramda_pruned.{cfg_cls}",
+                "AutoModelForCausalLM": f"modeling_ramda_pruned.{model_cls}"}
+    d.update(layer_sizes=sizes, auto_map=auto_map)
+    return getattr(M, cfg_cls)(**d)
+
+
+def build_pruned(config, sd: dict, layout: str, fam):
+    from transformers import AutoModelForCausalLM
+
+    from . import modeling_ramda_pruned as M
+
+    if layout == "uniform":
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    else:
+        model = getattr(M, PER_LAYER_CLASSES[fam.name][1])(config).float()
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight") and
+            getattr(config, "tie_word_embeddings", False)}
+    if set(missing) - tied or unexpected:
+        raise ExportError(f"pruned state does not fit the pruned model: missing "
+                          f"{sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    return model.eval()
+
+
+def sample_batch(cfg, n=2, length=24, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, cfg.vocab_size, (n, length), generator=g)
+
+
+def logits_rel_diff(a_model, b_model, x) -> float:
+    with torch.no_grad():
+        a, b = a_model(input_ids=x).logits.double(), b_model(input_ids=x).logits.double()
+    return ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item()
+
+
+def export_weights(tensors: dict, out: Path, *, config=None, base_model=None, layout="per_layer",
+                   multiple_of=1, weights="structured", source=None, run_dir=None,
+                   verbose=True) -> dict:
+    """Prune, check, write. See the module docstring."""
+    out = Path(out)
+    if out.exists():
+        raise ExportError(f"output directory {out} exists; choose a new one (nothing was written)")
+    if layout not in ("per_layer", "uniform"):
+        raise ExportError(f"layout must be per_layer or uniform, got {layout!r}")
+    dense, from_base = dense_model(tensors, config, base_model)
+    cfg = dense.config
+    try:
+        fam = P.family_of(cfg)
+        sd = {k: v.detach() for k, v in dense.state_dict().items()}
+        zeros = P.zero_units(fam, sd, cfg)
+        keeps = P.plan(fam, cfg, zeros, layout, multiple_of)
+        new_sd, sizes = P.prune(fam, sd, cfg, keeps)
+    except P.PruneError as e:
+        raise ExportError(str(e)) from None
+    new_cfg = pruned_config(cfg, fam, sizes, layout)
+    pruned = build_pruned(new_cfg, new_sd, layout, fam)
+    rel = logits_rel_diff(dense, pruned, sample_batch(cfg))
+    if not rel <= RTOL:
+        raise ExportError(f"the pruned model's logits differ from the dense model's by {rel:.2e} "
+                          f"(relative, > {RTOL:g}): refusing to write {out}")
+    report = make_report(fam, cfg, sd, pruned, keeps, zeros, sizes, layout, multiple_of, weights,
+                         rel, source, from_base)
+    if verbose:
+        print(format_report(report), flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        pruned.save_pretrained(tmp)
+        if layout == "per_layer":
+            shutil.copy(TEMPLATE, tmp / TEMPLATE.name)
+        report["tokenizer"] = copy_tokenizer(base_model, run_dir, tmp)
+        (tmp / "pruning.json").write_text(json.dumps(report, indent=1))
+        if out.exists():
+            raise ExportError(f"output directory {out} appeared while exporting; nothing written")
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def copy_tokenizer(base_model, run_dir, dest: Path) -> str | None:
+    """The base model's HF tokenizer, else the SentencePiece model the run trained (its ids were
+    taken modulo the vocabulary), else None."""
+    if base_model and any((Path(base_model) / f).exists() for f in TOKENIZER_FILES):
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(base_model).save_pretrained(dest)
+        return f"from {base_model}"
+    if run_dir is not None:
+        sp = sorted((Path(run_dir) / "data").glob("sp*.model"))
+        if sp:
+            shutil.copy(sp[-1], dest / "sentencepiece.model")
+            return (f"sentencepiece.model: trained by the run ({sp[-1]}); ids are taken modulo "
+                    "vocab_size")
+    return None
+
+
+def make_report(fam, cfg, sd, pruned, keeps, zeros, sizes, layout, multiple_of, weights, rel,
+                source, from_base) -> dict:
+    s = fam.sizes(cfg)
+    before = P.parameter_counts(fam, sd)
+    after = P.parameter_counts(fam, {k: v for k, v in pruned.state_dict().items()})
+    layers = []
+    for i, (k, z, sz) in enumerate(zip(keeps, zeros, sizes)):
+        layers.append(dict(layer=i, ffn=[sz["intermediate_size"], s["ffn"]], ffn_live=k.live_ffn,
+                           heads=[sz["num_attention_heads"], s["heads"]], heads_live=k.live_heads,
+                           kv_heads=[sz["num_key_value_heads"], s["kv"]],
+                           folded_ffn_units=len(k.extra.get("folded", [])),
+                           params=[after["layers"][i], before["layers"][i]]))
+    return dict(weights="structured point Ŵ (RAMDA)" if weights == "structured" else "W",
+                layout=layout, multiple_of=multiple_of, model_type=cfg.model_type,
+                params_before=before["total"], params_after=after["total"],
+                kept_fraction=round(after["total"] / before["total"], 6),
+                logits_max_rel_diff=rel, layers=layers, source=source or {},
+                taken_from_base_model=from_base)
+
+
+def format_report(r: dict) -> str:
+    lines = [f"export ({r['layout']}, weights: {r['weights']}): layer  FFN kept/total  heads "
+             "kept/total  K/V  params after/before"]
+    for x in r["layers"]:
+        lines.append(f"  {x['layer']:3d}  {x['ffn'][0]:6d}/{x['ffn'][1]:<6d} {x['heads'][0]:3d}/"
+                     f"{x['heads'][1]:<3d} {x['kv_heads'][0]:3d}/{x['kv_heads'][1]:<3d} "
+                     f"{x['params'][0]:,}/{x['params'][1]:,}")
+    lines.append(f"  total parameters {r['params_after']:,} / {r['params_before']:,} "
+                 f"({100 * r['kept_fraction']:.1f}% kept); logits max rel diff "
+                 f"{r['logits_max_rel_diff']:.1e}")
+    return "\n".join(lines)
