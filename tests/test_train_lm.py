@@ -40,10 +40,10 @@ def test_single_process_run_learns_and_reports(tmp_path):
              "--output_dir", str(out)], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     setup, first, last = rows(out)[0], rows(out)[1], rows(out)[-1]
-    assert setup["view"] == "Unsharded" and setup["world_size"] == 1
-    assert last["valid_ppl"] < first["valid_ppl"] < 500
+    assert setup["view"] == "Unsharded" and setup["world_size"] == 1 and setup["backend"] == "single"
+    assert last["valid_ppl_W"] < first["valid_ppl_W"] < 500
     assert "validation perplexity" in p.stdout and "weighted group sparsity" in p.stdout
-    assert set(last["layer_sparsity"]) >= {"layers.0.ff.down.weight", "layers.1.attn.o.weight"}
+    assert set(last["layer_sparsity_W"]) >= {"layers.0.ff.down.weight", "layers.1.attn.o.weight"}
     assert last["solver_iters_mean"] >= 1 and 0 <= last["screened_frac"] <= 1
     assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "checkpoints" / "latest").read_text() == "step_00000040"
@@ -58,7 +58,8 @@ def test_deepspeed_zero2_two_processes_through_accelerate(tmp_path):
     assert p.returncode == 0, p.stderr[-4000:]
     setup = rows(out)[0]
     assert setup["distributed_type"] == "DEEPSPEED" and setup["view"] == "ZeroFlatView"
-    assert setup["world_size"] == 2 and rows(out)[-1]["valid_ppl"] > 0
+    assert setup["backend"] == "deepspeed-zero2"
+    assert setup["world_size"] == 2 and rows(out)[-1]["valid_ppl_W"] > 0
 
 
 def test_fsdp2_config_two_processes_really_shard(tmp_path):
@@ -71,6 +72,7 @@ def test_fsdp2_config_two_processes_really_shard(tmp_path):
     assert p.returncode == 0, p.stderr[-4000:]
     setup = rows(out)[0]
     assert setup["view"] == "FSDP2View" and setup["dtensor_params"] > 0 and setup["world_size"] == 2
+    assert setup["backend"] == "fsdp2"  # accelerate itself says distributed_type "NO" here
 
 
 def test_ddp_config_two_processes(tmp_path):
@@ -82,7 +84,8 @@ def test_ddp_config_two_processes(tmp_path):
     assert p.returncode == 0, p.stderr[-4000:]
     setup = rows(out)[0]
     assert setup["distributed_type"] == "MULTI_CPU" and setup["view"] == "Unsharded"
-    assert setup["world_size"] == 2 and rows(out)[-1]["valid_ppl"] > 0
+    assert setup["backend"] == "ddp"
+    assert setup["world_size"] == 2 and rows(out)[-1]["valid_ppl_W"] > 0
 
 
 def test_two_machines_simulated_on_loopback_with_the_zero2_config(tmp_path):
