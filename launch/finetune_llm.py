@@ -1,15 +1,19 @@
 """Structured-sparse fine-tuning of a local Hugging Face causal LM (Llama, Qwen, GPT-2 families).
 
-    python launch/finetune_llm.py --model_path path/to/checkpoint [--train_file data.txt]
+    python -m ramda_ds.training.tiny_model runs/tiny-llama && \
+        python launch/finetune_llm.py --model_path runs/tiny-llama
     accelerate launch --use_deepspeed --zero_stage 3 --num_processes 8 launch/finetune_llm.py ...
 
 Prunable units are the groups: FFN intermediate neurons (input columns of ``mlp.down_proj``; rows
 of GPT-2's transposed ``mlp.c_proj``) and attention heads (input columns of ``self_attn.o_proj``
 grouped per head). Everything else is trained without regularization. The model is loaded with
 ``from_pretrained(path)`` (no download); without a tokenizer in ``path`` a SentencePiece model is
-trained on the corpus (vocabulary ≤ the model's). ``--groups "PATTERN=RULE;..."`` replaces the
-default units. Training, metrics and checkpoints (``--save_every``, ``--resume auto``) are those of
-``train_lm.py``; the end of a run writes ``summary.json`` with the units kept per tensor.
+trained on the corpus (vocabulary ≤ the model's); a tokenizer that cannot encode text is refused.
+``--groups "PATTERN=RULE;..."`` replaces the default units. Training and checkpoints
+(``--save_every``, ``--resume auto``) are those of ``train_lm.py``. Every evaluation measures
+RAMDA's structured model Ŵ (what export ships; ``*_structured``) and the weights W (``*_W``);
+the last line and ``summary.json`` lead with Ŵ and list the units kept per tensor. Defaults
+sparsify: one restart placed so that W becomes exactly Ŵ by the end (``--milestones auto``).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 from ramda_ds.training.launch import (OPTIMIZERS, corpus, loop_config, read_args, run_to_end,
                                       start, validate_common, wrap)
 
-LAM = 1e-3  # default λ: removes units of the README's tiny Llama in 200 steps (README: the sweep)
+LAM = 1e-4  # default λ: removes ~30% of the README tiny Llama's FFN neurons in 200 steps (README sweep)
 
 
 @dataclass

@@ -8,6 +8,7 @@ Only the main process does anything; on every other process each method is a no-
 """
 
 import json
+import math
 import os
 import sys
 from numbers import Real
@@ -251,7 +252,7 @@ def write_units_plot(metrics_path, png_path) -> None:
                    extent=(-0.5, len(steps) - 0.5, len(names) - 0.5, -0.5))
     ax.set_yticks(range(len(names)), [n.removesuffix(".weight") for n in names],
                   fontsize=7 if len(names) > 20 else 9)
-    every = max(1, len(steps) // 10)
+    every = max(1, math.ceil(len(steps) / 8))
     ax.set_xticks(range(0, len(steps), every), [str(s) for s in steps[::every]])
     for m in milestones:  # between the evaluations around the restart
         pos = sum(s <= m for s in steps) - 0.5
