@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +86,12 @@ def parse_args(argv=None) -> FinetuneArgs:
     return a
 
 
+def say(text: str) -> None:
+    """A line on stderr, once per job (before the process group exists: by RANK)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(text, file=sys.stderr)
+
+
 def auto_milestones(steps: int, c0: float) -> str:
     """One restart at max(steps − ⌈1/c0²⌉, steps // 2): the final stage's c = min(c0·√i, 1)
     reaches 1 (W = Ŵ exactly) after ⌈1/c0²⌉ of its steps; "" when steps < 2."""
@@ -103,6 +110,13 @@ def validate(a: FinetuneArgs) -> None:
     if a.milestones.strip() == "auto":
         a.milestones = auto_milestones(a.steps, a.momentum) if a.optimizer != "adamw" and \
             0 < a.momentum <= 1 else ""
+        need = math.ceil(1 / a.momentum ** 2 - 1e-9) if 0 < a.momentum <= 1 else 0
+        if a.optimizer == "ramda" and a.milestones and a.steps - int(a.milestones) < need:
+            final = a.steps - int(a.milestones)
+            say(f"warning: --milestones auto = {a.milestones}: the final stage ({final} steps) "
+                  f"is too short for c = min(c0·√i, 1) to reach 1 (c0 = {a.momentum} needs "
+                  f"{need}); W will not be exactly sparse (Ŵ is reported and exported). Raise "
+                  "--steps or --momentum")
     validate_common(a, (a.train_file, a.valid_file))
     if not set(a.units.split(",")) <= {"ffn", "heads"}:
         raise SystemExit(f"units must be ffn and/or heads, got {a.units!r}")
@@ -164,10 +178,9 @@ def unit_patterns(model, a: FinetuneArgs, warn: bool = False) -> dict[str, str]:
                  if any(fnmatch(n, pat) for n in names)}
         for unit in a.units.split(","):
             if warn and not any(p in rules for p in candidates[unit]) and rules:
-                print(f"warning: --units {unit}: {type(model).__name__} has no "
-                      f"{' / '.join(candidates[unit])} (GPT-2's attn.c_proj has no per-head rule "
-                      f"yet): {unit} not regularized; pass --groups to choose tensors",
-                      file=sys.stderr)
+                say(f"warning: --units {unit}: {type(model).__name__} has no "
+                     f"{' / '.join(candidates[unit])} (GPT-2's attn.c_proj has no per-head rule "
+                     f"yet): {unit} not regularized; pass --groups to choose tensors")
         if not rules:
             raise ValueError("found no prunable units (mlp.down_proj / mlp.c_proj / "
                              f"self_attn.o_proj) in {type(model).__name__}; pass --groups")

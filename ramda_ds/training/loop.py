@@ -243,10 +243,10 @@ def final_report(last: dict, opt, timing: str) -> str:
     if key == "structured" and not last.get("W_is_structured"):
         g = opt.param_groups[0] if opt is not None else {}
         c0, ms = g.get("momentum", 0.1), g.get("milestones", ())
-        need = math.ceil(1 / c0 ** 2)
+        need = math.ceil(1 / c0 ** 2 - 1e-9)
         text += ("\nW ≠ Ŵ: the weights W are an average (W ← (1−c)·W + c·Ŵ) that is exactly "
                  "sparse only once c = 1; export Ŵ (the headline numbers are Ŵ's). To make W "
-                 f"exactly Ŵ, train ≥ {need} steps after the last milestone (milestones "
-                 f"{list(ms) or 'none'}): in the final stage c = min(c0·√i, 1) reaches 1 at "
-                 f"i = 1/c0² = {need} (c0 = {c0}).")
+                 f"exactly Ŵ, end the run ≥ {need} steps after the last milestone (this run: "
+                 f"{list(ms) if ms else 'no milestones, so c stays c0'}): in the final stage "
+                 f"c = min(c0·√i, 1) reaches 1 at i = ⌈1/c0²⌉ = {need} (c0 = {c0}).")
     return text
