@@ -183,7 +183,7 @@ def test_resume_targets_are_checked_before_anything_is_loaded(tmp_path, capsys):
     assert "checkpoint not found" in refused([*base, "--resume", str(tmp_path / "nope")],
                                              capsys, tmp_path)
     (tmp_path / "notackpt").mkdir()
-    assert "not a checkpoint (no manifest.json)" in refused(
+    assert "not a complete checkpoint (no manifest.json" in refused(
         [*base, "--resume", str(tmp_path / "notackpt")], capsys, tmp_path)
     # a fresh run over an earlier run's checkpoints
     (tmp_path / "refused_out" / "checkpoints").mkdir(parents=True)

@@ -101,8 +101,9 @@ def check_resume_target(a) -> None:
                                  "which is not a complete checkpoint (no manifest.json)")
             return
     if not (p / "manifest.json").exists():
-        raise SystemExit(f"cannot resume from {a.resume}: not a checkpoint (no manifest.json) and "
-                         "no checkpoints/latest under it")
+        raise SystemExit(f"cannot resume from {a.resume}: not a complete checkpoint (no "
+                         "manifest.json: the save was interrupted, or this is not a checkpoint "
+                         "directory) and no checkpoints/latest under it")
 
 
 def _same_source(x: str, y: str) -> bool:
