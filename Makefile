@@ -5,7 +5,7 @@ VENV    ?= .venv
 # The CPU build; on a GPU machine install your CUDA torch into the venv first and set TORCH_PIN=
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: setup demo demo-mlp test bench
+.PHONY: setup demo demo-mlp demo-finetune test bench
 
 $(VENV)/.ready: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -18,6 +18,11 @@ setup: $(VENV)/.ready
 demo: setup
 	rm -rf runs/demo
 	$(VENV)/bin/python launch/train_lm.py --output_dir runs/demo
+
+demo-finetune: setup
+	rm -rf runs/finetune
+	$(VENV)/bin/python -m ramda_ds.training.tiny_model runs/tiny-llama
+	$(VENV)/bin/python launch/finetune_llm.py --model_path runs/tiny-llama
 
 demo-mlp: setup
 	$(VENV)/bin/python -m ramda_ds.training.demo

@@ -1,57 +1,86 @@
 """Structured-sparse fine-tuning of a local Hugging Face causal LM (Llama, Qwen, GPT-2 families).
 
-    python launch/finetune_llm.py --model_path path/to/checkpoint [--train_file data.txt]
+    python -m ramda_ds.training.tiny_model runs/tiny-llama && \
+        python launch/finetune_llm.py --model_path runs/tiny-llama
     accelerate launch --use_deepspeed --zero_stage 3 --num_processes 8 launch/finetune_llm.py ...
 
 Prunable units are the groups: FFN intermediate neurons (input columns of ``mlp.down_proj``; rows
 of GPT-2's transposed ``mlp.c_proj``) and attention heads (input columns of ``self_attn.o_proj``
 grouped per head). Everything else is trained without regularization. The model is loaded with
 ``from_pretrained(path)`` (no download); without a tokenizer in ``path`` a SentencePiece model is
-trained on the corpus (vocabulary ≤ the model's). ``--groups "PATTERN=RULE;..."`` replaces the
-default units. Training, metrics and checkpoints (``--save_every``, ``--resume auto``) are those of
-``train_lm.py``; the end of a run writes ``summary.json`` with the units kept per tensor.
+trained on the corpus (vocabulary ≤ the model's); a tokenizer that cannot encode text is refused.
+``--groups "PATTERN=RULE;..."`` replaces the default units. Training and checkpoints
+(``--save_every``, ``--resume auto``) are those of ``train_lm.py``. Every evaluation measures
+RAMDA's structured model Ŵ (what export ships; ``*_structured``) and the weights W (``*_W``);
+the last line and ``summary.json`` lead with Ŵ and list the units kept per tensor. Defaults
+sparsify: one restart placed so that W becomes exactly Ŵ by the end (``--milestones auto``).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ramda_ds.training.launch import (corpus, loop_config, make_task, read_args,
+from ramda_ds.training.launch import (OPTIMIZERS, corpus, loop_config, make_task, read_args,
                                       run_to_end, start, validate_common, wrap)
 from ramda_ds.training.run_checkpoint import KEEP_LAST
+
+LAM = 1e-4  # default λ: removes ~30% of the README tiny Llama's FFN neurons in 200 steps (README sweep)
 
 
 @dataclass
 class FinetuneArgs:
     model_path: str = field(default="", metadata={"help": "local HF checkpoint directory"})
-    train_file: str = field(default="", metadata={"help": "text/json/parquet; default: Python docs"})
-    valid_file: str = field(default="")
-    optimizer: str = "ramda"
-    lr: float = 1e-3
-    lam: float = 1e-5
-    momentum: float = 0.1
-    milestones: str = field(default="", metadata={"help": "comma-separated restart steps"})
+    train_file: str = field(default="", metadata={
+        "help": "text/json/parquet or hf:NAME; default: Python's docs (with a held-out part)"})
+    valid_file: str = field(default="", metadata={
+        "help": "held-out text; required with --train_file (or --valid_equals_train)"})
+    valid_equals_train: bool = field(default=False, metadata={
+        "help": "allow validating on the training text (reports training perplexity; warned)"})
+    eval_tokens: int = field(default=32768, metadata={
+        "help": "validation tokens per evaluation (the first ones); 0: the whole file"})
+    tokenizer: str = field(default="auto", metadata={
+        "help": "auto: the checkpoint's tokenizer, or a SentencePiece model trained on the corpus "
+                "when it has none | train: always train SentencePiece"})
+    optimizer: str = field(default="ramda", metadata={"help": " | ".join(OPTIMIZERS)})
+    lr: float = field(default=1e-3, metadata={"help": "learning rate η"})
+    lam: float = field(default=LAM, metadata={
+        "help": "λ of the group lasso on the units: larger removes more (see README's sweep)"})
+    momentum: float = field(default=0.1, metadata={"help": "RAMDA's averaging weight c0 (paper's c)"})
+    solver: str = field(default="pg", metadata={"help": "RAMDA/ProxGen subproblem solver: pg | exact"})
+    milestones: str = field(default="auto", metadata={
+        "help": "comma-separated restart steps, '' for none, or auto: one restart at "
+                "max(steps − ⌈1/c0²⌉, steps/2), so that c = min(c0·√i, 1) reaches 1 and W "
+                "becomes exactly the sparse Ŵ by the end"})
     units: str = field(default="ffn,heads", metadata={"help": "ffn, heads, or both"})
     groups: str = field(default="", metadata={"help": "custom units: 'PATTERN=RULE;...' with RULE "
                                               "input | output | head:D (replaces --units)"})
-    seq_len: int = 64
-    batch_size: int = 4
-    grad_accum: int = 1
-    grad_clip: float = 1.0
-    steps: int = 100
-    eval_every: int = 50
-    save_every: int = 0
-    keep_last: int = KEEP_LAST
-    resume: str = ""
-    allow_hparam_change: bool = False  # resume although lam/units differ (recorded in metrics)
-    precision: str = "auto"
-    fsdp2: bool = False
-    seed: int = 0
-    output_dir: str = "runs/finetune"
+    seq_len: int = field(default=64, metadata={"help": "tokens per sequence"})
+    batch_size: int = field(default=4, metadata={"help": "sequences per process and micro-batch"})
+    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip; 0: off"})
+    steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    eval_every: int = field(default=0, metadata={
+        "help": "evaluation period in steps; 0: steps/10 (≥ 10 points on the plot)"})
+    save_every: int = field(default=0, metadata={"help": "checkpoint period; 0: end/SIGTERM only"})
+    keep_last: int = field(default=KEEP_LAST, metadata={"help": "checkpoints kept"})
+    resume: str = field(default="", metadata={"help": "'auto' (latest checkpoint) or a directory"})
+    allow_hparam_change: bool = field(default=False, metadata={
+        "help": "resume although lam/units differ from the checkpoint's (recorded in metrics)"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 on a bf16 GPU) | bf16 | no"})
+    fsdp2: bool = field(default=False, metadata={"help": "apply FSDP2 (also implied by an "
+                                                 "accelerate FSDP config)"})
+    seed: int = field(default=0, metadata={"help": "random seed"})
+    output_dir: str = field(default="runs/finetune", metadata={"help": "metrics, plots, checkpoints"})
+
+
+SAMPLE = "The quick brown fox jumps over the lazy dog. It was 3 o'clock."
 
 
 def parse_args(argv=None) -> FinetuneArgs:
@@ -60,14 +89,46 @@ def parse_args(argv=None) -> FinetuneArgs:
     return a
 
 
+def say(text: str) -> None:
+    """A line on stderr, once per job (before the process group exists: by RANK)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(text, file=sys.stderr)
+
+
+def auto_milestones(steps: int, c0: float) -> str:
+    """One restart at max(steps − ⌈1/c0²⌉, steps // 2): the final stage's c = min(c0·√i, 1)
+    reaches 1 (W = Ŵ exactly) after ⌈1/c0²⌉ of its steps; "" when steps < 2."""
+    m = max(steps - math.ceil(1 / c0 ** 2 - 1e-9), steps // 2)
+    return str(m) if 0 < m < steps else ""
+
+
 def validate(a: FinetuneArgs) -> None:
-    """Fail before any process group starts, naming the problem (the model is built on the meta
-    device to check the group patterns against its parameter names)."""
+    """Fail before any process group starts or anything is written, naming the problem (the model
+    is built on the meta device to check the group patterns against its parameter names; the
+    tokenizer is loaded and tried on a sample). Resolves the ``auto`` defaults."""
     if not a.model_path or not (Path(a.model_path) / "config.json").exists():
         raise SystemExit(f"--model_path must be a local HF checkpoint with config.json, got {a.model_path!r}")
+    if a.eval_every == 0:
+        a.eval_every = max(1, a.steps // 10)
+    if a.milestones.strip() == "auto":
+        a.milestones = auto_milestones(a.steps, a.momentum) if a.optimizer != "adamw" and \
+            0 < a.momentum <= 1 else ""
+        need = math.ceil(1 / a.momentum ** 2 - 1e-9) if 0 < a.momentum <= 1 else 0
+        if a.optimizer == "ramda" and a.milestones and a.steps - int(a.milestones) < need:
+            final = a.steps - int(a.milestones)
+            say(f"warning: --milestones auto = {a.milestones}: the final stage ({final} steps) "
+                  f"is too short for c = min(c0·√i, 1) to reach 1 (c0 = {a.momentum} needs "
+                  f"{need}); W will not be exactly sparse (Ŵ is reported and exported). Raise "
+                  "--steps or --momentum")
     validate_common(a, (a.train_file, a.valid_file))
     if not set(a.units.split(",")) <= {"ffn", "heads"}:
         raise SystemExit(f"units must be ffn and/or heads, got {a.units!r}")
+    if a.solver not in ("pg", "exact"):
+        raise SystemExit(f"solver must be pg or exact, got {a.solver!r}")
+    if a.tokenizer not in ("auto", "train"):
+        raise SystemExit(f"tokenizer must be auto or train, got {a.tokenizer!r}")
+    if a.eval_tokens < 0:
+        raise SystemExit(f"eval_tokens must be >= 0 (0: the whole validation file), got {a.eval_tokens}")
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -75,9 +136,34 @@ def validate(a: FinetuneArgs) -> None:
     from ramda_ds.hf.units import unit_patterns
 
     try:
-        unit_patterns(model, a.units, a.groups)
+        unit_patterns(model, a.units, a.groups, warn=say)
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    checkpoint_tokenizer(a)
+
+
+def checkpoint_tokenizer(a: FinetuneArgs):
+    """The checkpoint's tokenizer, None to train SentencePiece (``--tokenizer train``, or no
+    tokenizer files: Llama raises); refuses one that cannot encode text. transformers returns an
+    empty GPT2Tokenizer (``len == 1``, every text → []) for a GPT-2 directory without its files."""
+    if a.tokenizer == "train":
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(a.model_path)
+    except (OSError, ValueError, TypeError):
+        return None
+    ids = tok(SAMPLE)["input_ids"]
+    problem = (f"its vocabulary has {len(tok)} token(s)" if len(tok) < 32 else
+               "it encodes sample text to nothing" if not ids else
+               "it encodes sample text to a single repeated id" if len(set(ids)) < 2 else None)
+    if problem:
+        raise SystemExit(f"the tokenizer in {a.model_path} ({type(tok).__name__}) is unusable: "
+                         f"{problem}; training on its ids would learn nothing. Save the model's "
+                         f"tokenizer next to it (tokenizer.save_pretrained('{a.model_path}')), or "
+                         "pass --tokenizer train to train a SentencePiece model on the corpus")
+    return tok
 
 
 def unit_groups(a: FinetuneArgs):
@@ -95,18 +181,16 @@ def tokenize(acc, a: FinetuneArgs, vocab: int, out: Path):
     from ramda_ds.training import data
 
     train_file, valid_file = corpus(acc, a, out)
-    try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(a.model_path)
-    except (OSError, ValueError, TypeError):
-        tok = None
+    tok = checkpoint_tokenizer(a)
     if tok is not None:
         def ids(f):
             return torch.tensor([i for t in data.load_lines(f)["text"] for i in
                                  tok(t)["input_ids"] + [tok.eos_token_id or 0]])
         return ids(train_file), ids(valid_file)
     size = min(vocab, 2000)
+    if acc.is_main_process:
+        print(f"no tokenizer used from {a.model_path}: training a SentencePiece model "
+              f"({size} pieces) on the corpus", file=sys.stderr)
     with acc.local_main_process_first():
         sp = data.train_tokenizer(train_file, str(out / "data" / f"sp{size}"), size)
     return (data.encode(data.load_lines(train_file), sp) % vocab,
@@ -122,29 +206,36 @@ def main(argv=None):
     from transformers import AutoModelForCausalLM
 
     from ramda_ds.metrics import tensor_sparsity
-    from ramda_ds.training.loop import train, unwrap
+    from ramda_ds.training.loop import headline, train, unwrap
 
     acc, precision, out = start(a)
     # fp32 master weights whatever the checkpoint's dtype (--precision sets the compute dtype)
     model = AutoModelForCausalLM.from_pretrained(a.model_path, dtype=torch.float32)
     train_ids, valid_ids = tokenize(acc, a, model.config.vocab_size, out)
-    task = make_task(acc, a, train_ids, valid_ids, a.seq_len, causal_lm_forward)
+    task = make_task(acc, a, train_ids, valid_ids, a.seq_len, causal_lm_forward,
+                     eval_tokens=a.eval_tokens)
     blocks = getattr(getattr(model, "model", None), "layers", None) or \
         getattr(getattr(model, "transformer", None), "h", [])
-    model, opt, setup = wrap(acc, a, model, blocks, precision, unit_groups(a),
-                             keep_structured=a.optimizer == "ramda")
-    setup["model"] = a.model_path
-    # RAMDA's W is an average that is only exactly sparse once c = 1: report its Ŵ, the
-    # structure an export would keep
-    loop = loop_config(a, structured=a.optimizer == "ramda")
+    ramda = a.optimizer == "ramda"
+    model, opt, setup = wrap(acc, a, model, blocks, precision, unit_groups(a), keep_structured=ramda)
+    setup.update(model=a.model_path, solver=a.solver, valid_tokens=task.valid_tokens,
+                 headline="structured" if ramda else "W")
+    # RAMDA's W is an average that is only exactly sparse once c = 1: every evaluation also
+    # measures Ŵ, the structured model an export ships, and its numbers lead
+    loop = loop_config(a, structured=ramda)
 
     def run():
         rows = train(acc, model, opt, task, loop, setup)
         inner = unwrap(opt)
-        units = tensor_sparsity(inner, loop.structured) if inner else []
         last = rows[-1] if rows else {}
-        summary = dict(steps=a.steps, loss=last.get("loss"), ppl=last.get("valid_ppl"),
-                       wgs=last.get("wgs", 0.0), units={r.name: [r.zero_groups, r.groups] for r in units})
+        label, key = headline(last)
+        units = tensor_sparsity(inner, key == "structured") if inner else []
+        summary = dict(steps=a.steps, model=key, model_label=label, loss=last.get("loss"),
+                       ppl=last.get(f"valid_ppl_{key}"), wgs=last.get(f"wgs_{key}", 0.0),
+                       units={r.name: [r.zero_groups, r.groups] for r in units})
+        if key == "structured":
+            summary.update(W=dict(ppl=last.get("valid_ppl_W"), wgs=last.get("wgs_W", 0.0)),
+                           W_is_structured=last.get("W_is_structured"))
         if acc.is_main_process:
             print(json.dumps(summary))
             (out / "summary.json").write_text(json.dumps(summary, indent=1))

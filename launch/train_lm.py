@@ -25,7 +25,10 @@ class RunArgs:
     preset: str = field(default="tiny", metadata={"help": "Transformer-XL size: tiny | base"})
     dropout: float = field(default=-1.0, metadata={"help": "override the preset's dropout (>= 0)"})
     train_file: str = field(default="", metadata={"help": "text/json/parquet; default: Python docs"})
-    valid_file: str = field(default="")
+    valid_file: str = field(default="", metadata={
+        "help": "held-out text; required with --train_file (or --valid_equals_train)"})
+    valid_equals_train: bool = field(default=False, metadata={
+        "help": "allow validating on the training text (reports training perplexity; warned)"})
     tokenizer: str = field(default="", metadata={"help": "SentencePiece .model; default: train one"})
     vocab_size: int = 2000
     optimizer: str = field(default="ramda", metadata={"help": " | ".join(OPTIMIZERS)})

@@ -89,6 +89,39 @@ def test_close_writes_png_once(tmp_path):
     assert not (out / "plot.png").exists() and rows(out)[-1]["step"] == 6
 
 
+def test_plots_label_both_models_restarts_and_units(tmp_path):
+    """plot.png: both models, restart markers, title from the setup row; plot_units.png: the heat
+    map of units kept per tensor (of Ŵ when present)."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.image
+
+    out = tmp_path / "o"
+    lg = RunLogger(out, total_steps=4, is_main=True, tensorboard=False)
+    lg.setup({"event": "setup", "optimizer": "ramda", "lam": 1e-4, "model": "/m/tiny-llama",
+              "milestones": [2], "backend": "single", "world_size": 1})
+    for s in range(1, 5):
+        lg.log({"step": s, "loss": 5.0 / s, "valid_ppl_structured": 300.0 / s,
+                "valid_ppl_W": 200.0 / s, "wgs_structured": 0.5, "wgs_W": 0.1 * s,
+                "layer_sparsity_structured": {"layers.0.w": 0.5, "layers.10.w": 0.25 * (s % 2)},
+                "W_is_structured": s == 4})
+    lg.close()
+    units = matplotlib.image.imread(out / "plot_units.png")
+    assert units.shape[0] > 100 and units.shape[1] > 100
+    plot = matplotlib.image.imread(out / "plot.png")
+    assert plot.shape[1] > 3 * plot.shape[0]  # three panels side by side
+
+
+def test_bar_shows_labelled_models(tmp_path, capsys):
+    lg = RunLogger(tmp_path, total_steps=2, is_main=True, tensorboard=False, plot=False)
+    lg.log({"step": 1, "valid_ppl_structured": 12.5, "valid_ppl_W": 10.25, "wgs_structured": 0.5,
+            "wgs_W": 0.0, "W_is_structured": False})
+    lg.advance()
+    lg.close()
+    err = capsys.readouterr().err
+    assert "ppl(Ŵ)=12.5" in err and "ppl(W)=10.2" in err and "wgs(Ŵ)=0.5" in err
+    assert "W_is_structured" not in err
+
+
 def test_close_without_matplotlib_skips_plot(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)

@@ -40,10 +40,10 @@ def test_single_process_run_learns_and_reports(tmp_path):
              "--output_dir", str(out)], tmp_path)
     assert p.returncode == 0, p.stderr[-3000:]
     setup, first, last = rows(out)[0], rows(out)[1], rows(out)[-1]
-    assert setup["view"] == "Unsharded" and setup["world_size"] == 1
-    assert last["valid_ppl"] < first["valid_ppl"] < 500
+    assert setup["view"] == "Unsharded" and setup["world_size"] == 1 and setup["backend"] == "single"
+    assert last["valid_ppl_W"] < first["valid_ppl_W"] < 500
     assert "validation perplexity" in p.stdout and "weighted group sparsity" in p.stdout
-    assert set(last["layer_sparsity"]) >= {"layers.0.ff.down.weight", "layers.1.attn.o.weight"}
+    assert set(last["layer_sparsity_W"]) >= {"layers.0.ff.down.weight", "layers.1.attn.o.weight"}
     # PG runs ≥ 2 iterations on unscreened groups; λ = 1e-5 screens some groups but not all
     assert last["solver_iters_max"] >= 2 and 0 < last["screened_frac"] < 1
     assert (out / "plot.png").read_bytes()[:4] == b"\x89PNG"
@@ -59,12 +59,13 @@ def test_deepspeed_zero2_two_processes_through_accelerate(tmp_path):
     assert p.returncode == 0, p.stderr[-4000:]
     setup = rows(out)[0]
     assert setup["distributed_type"] == "DEEPSPEED" and setup["view"] == "ZeroFlatView"
+    assert setup["backend"] == "deepspeed-zero2"
     assert setup["world_size"] == 2 and learned(out)
 
 
 def learned(out) -> bool:
     """Validation perplexity fell from the first evaluation (step 3) to the last (step 6)."""
-    evals = [r["valid_ppl"] for r in rows(out)[1:]]
+    evals = [r["valid_ppl_W"] for r in rows(out)[1:]]
     return len(evals) == 2 and evals[1] < evals[0] < 600
 
 
@@ -78,6 +79,7 @@ def test_fsdp2_config_two_processes_really_shard(tmp_path):
     assert p.returncode == 0, p.stderr[-4000:]
     setup = rows(out)[0]
     assert setup["view"] == "FSDP2View" and setup["dtensor_params"] > 0 and setup["world_size"] == 2
+    assert setup["backend"] == "fsdp2"  # accelerate itself says distributed_type "NO" here
     assert learned(out)
 
 
@@ -90,6 +92,7 @@ def test_ddp_config_two_processes(tmp_path):
     assert p.returncode == 0, p.stderr[-4000:]
     setup = rows(out)[0]
     assert setup["distributed_type"] == "MULTI_CPU" and setup["view"] == "Unsharded"
+    assert setup["backend"] == "ddp"
     assert setup["world_size"] == 2 and learned(out)
 
 

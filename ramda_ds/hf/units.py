@@ -27,11 +27,13 @@ def parse_groups(text: str) -> dict[str, str]:
     return out
 
 
-def unit_patterns(model, units: str = "ffn,heads", groups: str | dict = "") -> dict[str, str]:
+def unit_patterns(model, units: str = "ffn,heads", groups: str | dict = "",
+                  warn=None) -> dict[str, str]:
     """``{pattern: grouping rule}`` of the prunable units of ``model``.
 
     ``units``: comma-separated subset of ``ffn``, ``heads``; ``groups`` (``"PATTERN=RULE;..."`` or a
     dict) replaces them. ValueError if a pattern matches no parameter or no unit is found.
+    ``warn(text)`` is told of a requested unit kind the model has none of (GPT-2's heads).
     """
     names = [n for n, _ in model.named_parameters()]
     if groups:
@@ -46,6 +48,11 @@ def unit_patterns(model, units: str = "ffn,heads", groups: str | dict = "") -> d
                       "heads": {"*.self_attn.o_proj.weight": f"head:{head_dim}"}}
         rules = {pat: rule for unit in chosen for pat, rule in candidates[unit].items()
                  if any(fnmatch(n, pat) for n in names)}
+        for unit in chosen:
+            if warn and rules and not any(p in rules for p in candidates[unit]):
+                warn(f"warning: --units {unit}: {type(model).__name__} has no "
+                     f"{' / '.join(candidates[unit])} (GPT-2's attn.c_proj has no per-head rule "
+                     f"yet): {unit} not regularized; pass --groups to choose tensors")
         if not rules:
             raise ValueError("found no prunable units (mlp.down_proj / mlp.c_proj / "
                              f"self_attn.o_proj) in {type(model).__name__}; pass --groups")

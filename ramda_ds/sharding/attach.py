@@ -77,7 +77,7 @@ def _view_for(model, opt, process_group, local_solve):
             p = next(p for p in model.parameters() if isinstance(p, DTensor))
             dims = [i for i, pl in enumerate(p.placements) if isinstance(pl, Shard)] or [0]
             mesh_group = p.device_mesh.get_group(mesh_dim=dims[-1])
-        return FSDP2View(ProcessGroupReducer(mesh_group), names, local_solve)
+        return FSDP2View(ProcessGroupReducer(mesh_group), names, model, local_solve)
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     fsdp1 = [m for m in model.modules() if isinstance(m, FullyShardedDataParallel)]

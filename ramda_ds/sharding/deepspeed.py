@@ -71,19 +71,18 @@ class Zero3View(ShardedView):
             yield flat, optimizer.param_groups[self.zero.sub_group_to_group_id[i]], 0
 
     def after_load(self):
-        """bit16 partitions (``ds_tensor``) ← fp32 partitions; gathered at the next forward.
-
-        Parameters already gathered (ZeRO-3 keeps small "persistent" ones after a forward) would
-        keep stale full copies: load before the first forward, as the training loop does."""
+        """bit16 partitions (``ds_tensor``) ← fp32 partitions, as ZeRO-3's ``step`` does: release
+        every gathered parameter first (ZeRO-3 keeps small "persistent" ones gathered after a
+        forward, which would keep stale full copies), copy, then gather the persistent ones again.
+        Every rank calls it."""
         import torch
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-        gathered = [p.ds_id for g in self.zero.fp16_groups for p in g
-                    if p.ds_status == ZeroParamStatus.AVAILABLE]
-        if gathered:
-            raise RuntimeError(f"{len(gathered)} ZeRO-3 parameters are gathered; load the "
-                               "checkpoint before the first forward pass")
+        self.zero._partition_all_parameters()
         with torch.no_grad():
             for bit16, fp32 in zip(self.zero.fp16_partitioned_groups_flat,
                                    self.zero.fp32_partitioned_groups_flat):
-                bit16.copy_(fp32)
+                if bit16 is not None and bit16.data_ptr() != fp32.data_ptr():
+                    bit16.copy_(fp32)
+        persistent = self.zero.persistent_parameters
+        if persistent:
+            persistent[0].all_gather(persistent)

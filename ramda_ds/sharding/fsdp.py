@@ -24,6 +24,20 @@ def _dtensor_cls():
 
 
 class FSDP2View(ShardedView):
+    def __init__(self, comm, names, model=None, local_solve=False):
+        super().__init__(comm, names, local_solve)
+        self.model = model  # the fully_shard-ed module (for after_load)
+
+    def after_load(self):
+        """Drop unsharded copies of the parameters: the root module keeps its parameters
+        all-gathered after a forward without backward (evaluation), so the next forward would
+        use the old values; after ``reshard()`` it all-gathers the new shards."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in (self.model.modules() if self.model is not None else ()):
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
     def local(self, t):
         return t.to_local() if isinstance(t, _dtensor_cls()) else t
 

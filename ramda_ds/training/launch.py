@@ -48,6 +48,9 @@ def read_args(cls, argv=None):
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(cls)
+    for action in parser._actions:  # argparse shows "(default: ...)" only for options with help
+        if action.help is None:
+            action.help = "default: %(default)r"
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
         (args,) = parser.parse_yaml_file(argv[0])
@@ -107,12 +110,12 @@ def validate_common(a, files) -> None:
               "them in this run (they do when it is resumed with more steps)", file=sys.stderr)
     if a.precision not in ("auto", "bf16", "no"):
         raise SystemExit(f"precision must be auto, bf16 or no, got {a.precision!r}")
-    if a.resume and a.resume != "auto" and not Path(a.resume).exists():
-        raise SystemExit(f"checkpoint not found: {a.resume}")
     if a.resume and a.optimizer == "adamw":
         raise SystemExit("resuming needs a ramda_ds optimizer; the AdamW baseline keeps no checkpoints")
     if Path(a.output_dir).exists() and not Path(a.output_dir).is_dir():
         raise SystemExit(f"output_dir {a.output_dir} exists and is not a directory")
+    check_resume_target(a)
+    check_validation_set(a)
 
 
 def _has_text(path: Path) -> bool:
@@ -126,9 +129,9 @@ def _has_text(path: Path) -> bool:
     return False
 
 
-def make_task(acc, a, train_ids, valid_ids, seq_len: int, forward):
+def make_task(acc, a, train_ids, valid_ids, seq_len: int, forward, **task_kw):
     """The LM task, once the token streams are known to fill the global batch (each of its rows
-    needs >= 2 tokens: an input and its next token)."""
+    needs >= 2 tokens: an input and its next token); ``task_kw`` go to :class:`StreamTask`."""
     from .tasks import StreamTask
 
     rows = a.batch_size * acc.num_processes
@@ -137,7 +140,60 @@ def make_task(acc, a, train_ids, valid_ids, seq_len: int, forward):
             raise SystemExit(f"the {what} text gives {ids.numel()} tokens, too few for a global "
                              f"batch of {rows} rows (at least {2 * rows}): give more text or a "
                              "smaller --batch_size")
-    return StreamTask(acc, train_ids, valid_ids, a.batch_size, seq_len, forward)
+    return StreamTask(acc, train_ids, valid_ids, a.batch_size, seq_len, forward, **task_kw)
+
+
+def check_resume_target(a) -> None:
+    """``--resume`` checked on the file system before any model or data is loaded and before
+    anything is written: DIR must be a checkpoint (``manifest.json``) or hold ``latest`` (itself
+    or under ``checkpoints/``); a fresh run must not start over an earlier run's checkpoints."""
+    root = Path(a.output_dir) / "checkpoints"
+    if not a.resume:
+        if (root / "latest").exists():
+            raise SystemExit(f"{root} holds checkpoints of an earlier run: pass --resume auto to "
+                             "continue it, or choose another --output_dir")
+        return
+    if a.resume == "auto":
+        return  # the loop says whether it resumed or started fresh
+    p = Path(a.resume)
+    if not p.exists():
+        raise SystemExit(f"checkpoint not found: {a.resume}")
+    for d in (p, p / "checkpoints"):
+        if (d / "latest").exists():
+            target = d / (d / "latest").read_text().strip()
+            if not (target / "manifest.json").exists():
+                raise SystemExit(f"cannot resume from {a.resume}: {d / 'latest'} names {target}, "
+                                 "which is not a complete checkpoint (no manifest.json)")
+            return
+    if not (p / "manifest.json").exists():
+        raise SystemExit(f"cannot resume from {a.resume}: not a complete checkpoint (no "
+                         "manifest.json: the save was interrupted, or this is not a checkpoint "
+                         "directory) and no checkpoints/latest under it")
+
+
+def _same_source(x: str, y: str) -> bool:
+    """Whether two data sources are the same text (same path, same file, or equal bytes)."""
+    import filecmp
+
+    if x == y:
+        return True
+    if x.startswith("hf:") or y.startswith("hf:") or not (Path(x).exists() and Path(y).exists()):
+        return False
+    return os.path.samefile(x, y) or filecmp.cmp(x, y, shallow=False)
+
+
+def check_validation_set(a) -> None:
+    """Validation perplexity on the training text is training perplexity: refused unless
+    ``--valid_equals_train`` (then warned about). With neither file given, the bundled corpus has
+    its own held-out part."""
+    if not a.train_file:
+        return
+    same = not a.valid_file or _same_source(a.train_file, a.valid_file)
+    if same and not getattr(a, "valid_equals_train", False):
+        what = "no --valid_file was given" if not a.valid_file else \
+            f"--valid_file {a.valid_file} is the same text as --train_file"
+        raise SystemExit(f"{what}: the validation perplexity would be training perplexity. Pass a "
+                         "held-out --valid_file, or --valid_equals_train to accept that")
 
 
 def resolve_precision(p: str) -> str:
@@ -231,6 +287,9 @@ def corpus(acc, a, out: Path) -> tuple[str, str]:
     from . import data
 
     if a.train_file:
+        if getattr(a, "valid_equals_train", False) and acc.is_main_process:
+            print("warning: --valid_equals_train: valid_ppl is measured on the training text "
+                  "(training perplexity, not generalization)", file=sys.stderr)
         return a.train_file, a.valid_file or a.train_file
     with acc.local_main_process_first():
         return tuple(data.default_corpus(out / "data"))
@@ -249,11 +308,24 @@ def wrap(acc, a, model, blocks, precision, groups_of, keep_structured: bool = Fa
     opt = make_optimizer(a, model, groups_of, keep_structured)
     model, opt = prepare(acc, model, opt, a, fsdp2)
     view = attach(opt, model) if a.optimizer != "adamw" else None
-    setup = dict(world_size=acc.num_processes, view=type(view).__name__,
-                 distributed_type=acc.distributed_type.name, precision=precision,
-                 optimizer=a.optimizer, params=n_params,
-                 dtensor_params=sum(type(p).__name__ == "DTensor" for p in model.parameters()))
+    setup = dict(world_size=acc.num_processes, backend=backend_name(acc, fsdp2),
+                 view=type(view).__name__, distributed_type=acc.distributed_type.name,
+                 precision=precision, optimizer=a.optimizer, lam=a.lam,
+                 milestones=list(parse_milestones(a.milestones)), params=n_params,
+                 dtensor_params=sum(type(p).__name__ == "DTensor" for p in model.parameters()),
+                 valid_equals_train=bool(getattr(a, "valid_equals_train", False)))
     return model, opt, setup
+
+
+def backend_name(acc, fsdp2: bool) -> str:
+    """What really runs: fsdp2 (applied by the script, which accelerate reports as "NO" on CPU),
+    deepspeed-zeroN, ddp or single."""
+    if fsdp2:
+        return "fsdp2"
+    ds = acc.state.deepspeed_plugin
+    if ds is not None:
+        return f"deepspeed-zero{ds.zero_stage}"
+    return "ddp" if acc.num_processes > 1 else "single"
 
 
 def loop_config(a, **extra):

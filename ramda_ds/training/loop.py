@@ -46,7 +46,7 @@ class LoopConfig:
     keep_last: int = KEEP_LAST
     resume: str = ""  # "", "auto" (latest under output_dir/checkpoints) or a checkpoint directory
     allow_hparam_change: bool = False  # resume although λ / regularizer / grouping changed
-    structured: bool = False  # report sparsity of RAMDA's Ŵ (keep_structured) instead of W
+    structured: bool = False  # also evaluate RAMDA's Ŵ (keep_structured=True): the headline model
 
 
 class Task(Protocol):
@@ -93,20 +93,46 @@ def unwrap(opt):
 
 
 def structure_metrics(opt, structured: bool) -> dict:
-    """Weighted group sparsity, per-tensor group sparsity and the last solves' statistics."""
+    """Weighted group sparsity and per-tensor group sparsity of W (``*_W``) and, with
+    ``structured``, of Ŵ (``*_structured``); the last solves' statistics."""
     from ..metrics import tensor_sparsity, wgs_of
 
     if opt is None:
         return {}
-    rows = tensor_sparsity(opt, structured)  # one collective when sharded
+    out = {}
+    for label, of_hat in (("structured", True), ("W", False)) if structured else (("W", False),):
+        rows = tensor_sparsity(opt, of_hat)  # one collective when sharded
+        out[f"wgs_{label}"] = wgs_of(rows)
+        out[f"layer_sparsity_{label}"] = {r.name: round(r.sparsity, 4) for r in rows}
     stats = list(opt.last_stats.values())
-    out = dict(wgs=wgs_of(rows), layer_sparsity={r.name: round(r.sparsity, 4) for r in rows})
     if stats:
         out.update(solver_iters_mean=sum(s.iterations for s in stats) / len(stats),
                    solver_iters_max=max(s.iterations for s in stats),
                    screened_frac=sum(s.screened_groups for s in stats) /
                    max(1, sum(s.active_groups + s.screened_groups for s in stats)))
     return out
+
+
+def evaluate(model, opt, task: Task, structured: bool) -> dict:
+    """``task.evaluate`` of the weights W (keys ``*_W``) and, with ``structured``, of the
+    structured model Ŵ that export ships (keys ``*_structured``; W restored bitwise after), plus
+    ``W_is_structured``: whether W == Ŵ exactly (true once c reached 1 in the final stage)."""
+    from .structured import structured_weights, weights_are_structured
+
+    out = {f"{k}_W": v for k, v in task.evaluate(model).items()}
+    if structured:
+        with structured_weights(opt):
+            hat = task.evaluate(model)
+        out = {**{f"{k}_structured": v for k, v in hat.items()}, **out,
+               "W_is_structured": weights_are_structured(opt)}
+    return out
+
+
+def headline(row: dict) -> tuple[str, str]:
+    """(label of the model whose numbers lead, key suffix): Ŵ when it was evaluated, else W."""
+    if "valid_ppl_structured" in row:
+        return "structured model Ŵ (what export ships)", "structured"
+    return "weights W", "W"
 
 
 def checkpoint_root(output_dir) -> Path:
@@ -163,6 +189,8 @@ def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict) -> list[dic
                     f"{acc.num_processes} processes)")
         if moved:
             log.message(f"checkpoints after step {step} moved to {ckpt.root / 'abandoned'}: {moved}")
+    elif cfg.resume == "auto":
+        log.message(f"--resume auto: no checkpoint in {ckpt.root}: starting fresh")
     changes = loaded.changes if loaded else []
     for c in changes:
         log.message(f"--allow_hparam_change: {c['setting']} {c['checkpoint']!r} → {c['now']!r} "
@@ -217,8 +245,10 @@ def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict) -> list[dic
             if diverged(mean_loss):
                 stop_diverged(step, f"mean training loss {mean_loss:g}", dict(loss=mean_loss), True)
             if not stop and (step % cfg.eval_every == 0 or step == cfg.steps):
+                structured = cfg.structured and ramda is not None
                 row = dict(step=step, loss=mean_loss,
-                           **task.evaluate(model), **structure_metrics(ramda, cfg.structured),
+                           **evaluate(model, ramda, task, structured),
+                           **structure_metrics(ramda, structured),
                            tokens_per_s=round(tokens / train_time, 1))
                 bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
                 if bad:
@@ -226,7 +256,9 @@ def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict) -> list[dic
                 rows.append(row)
                 log.log(row)
                 log.message(f"step {step}: loss {row['loss']:.3f}" + "".join(
-                    f", {k} {row[k]:.{d}f}" for k, d in (("valid_ppl", 2), ("wgs", 3)) if k in row))
+                    f", {name} {row[k]:.{d}f}" for k, name, d in (
+                        ("valid_ppl_structured", "ppl(Ŵ)", 2), ("wgs_structured", "wgs(Ŵ)", 3),
+                        ("valid_ppl_W", "ppl(W)", 2), ("wgs_W", "wgs(W)", 3)) if k in row))
             if ckpt and (stop or step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0)):
                 meta = dict(task.meta(), grad_accum=cfg.grad_accum, position=position)
                 try:
@@ -246,11 +278,30 @@ def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict) -> list[dic
         except OSError as e:  # e.g. the disk is full: keep the error that stopped the run
             print(f"warning: could not finish metrics/plot in {cfg.output_dir}: {e}",
                   file=sys.stderr, flush=True)
-    if rows:
-        last = rows[-1]
-        log_line = (f"step {step}: validation perplexity {last.get('valid_ppl', math.nan):.2f}, "
-                    f"weighted group sparsity {last.get('wgs', 0.0):.3f} "
-                    f"({train_time:.0f} s of training for {step - start} steps)")
-        if acc.is_main_process:
-            print(log_line, flush=True)
+    if rows and acc.is_main_process:
+        print(final_report(rows[-1], ramda, f"{train_time:.0f} s of training for {step - start} "
+                           "steps"), flush=True)
     return rows
+
+
+def final_report(last: dict, opt, timing: str) -> str:
+    """The run's last line(s): which model the headline numbers belong to, both models when Ŵ was
+    evaluated, and how to make W exactly sparse when it is not."""
+    label, key = headline(last)
+    text = (f"step {last['step']}: {label}: validation perplexity "
+            f"{last.get(f'valid_ppl_{key}', math.nan):.2f}, weighted group sparsity "
+            f"{last.get(f'wgs_{key}', 0.0):.3f}")
+    if key == "structured":
+        text += (f"; weights W: validation perplexity {last.get('valid_ppl_W', math.nan):.2f}, "
+                 f"weighted group sparsity {last.get('wgs_W', 0.0):.3f}")
+    text += f" ({timing})"
+    if key == "structured" and not last.get("W_is_structured"):
+        g = opt.param_groups[0] if opt is not None else {}
+        c0, ms = g.get("momentum", 0.1), g.get("milestones", ())
+        need = math.ceil(1 / c0 ** 2 - 1e-9)
+        text += ("\nW ≠ Ŵ: the weights W are an average (W ← (1−c)·W + c·Ŵ) that is exactly "
+                 "sparse only once c = 1; export Ŵ (the headline numbers are Ŵ's). To make W "
+                 f"exactly Ŵ, end the run ≥ {need} steps after the last milestone (this run: "
+                 f"{list(ms) if ms else 'no milestones, so c stays c0'}): in the final stage "
+                 f"c = min(c0·√i, 1) reaches 1 at i = ⌈1/c0²⌉ = {need} (c0 = {c0}).")
+    return text

@@ -17,14 +17,21 @@ class StreamTask:
 
     ``forward(model, x, memory) -> (logits, memory)``: Transformer-XL carries its segment memory
     across steps (and across a resume, re-dealt to the new ranks); a plain causal LM returns None.
+    ``eval_tokens > 0`` evaluates on the first ``eval_tokens`` validation tokens only (the same
+    tokens at any world size with the same global batch).
     """
 
-    def __init__(self, acc, train_ids, valid_ids, batch_size: int, seq_len: int, forward):
+    def __init__(self, acc, train_ids, valid_ids, batch_size: int, seq_len: int, forward,
+                 eval_tokens: int = 0):
         self.acc, self.seq_len, self.forward = acc, seq_len, forward
         self.rank, self.world = acc.process_index, acc.num_processes
         self.global_batch = batch_size * self.world
         self.streams = data.lm_streams(train_ids, self.global_batch)[self.rank::self.world]
-        self.vstreams = data.lm_streams(valid_ids, self.global_batch)[self.rank::self.world]
+        if eval_tokens > 0:
+            valid_ids = valid_ids[:eval_tokens + 1]  # + 1: the last target
+        vstreams = data.lm_streams(valid_ids, self.global_batch)
+        self.valid_tokens = int(vstreams.shape[1] - 1) * self.global_batch  # predicted per eval
+        self.vstreams = vstreams[self.rank::self.world]
         self.per_epoch = math.ceil((self.streams.shape[1] - 1) / seq_len)
         self.mems = None
 
