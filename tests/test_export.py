@@ -208,7 +208,8 @@ def runs(tmp_path_factory):
         gpt2.transformer.h[0].attn.c_proj.weight[8:16] *= 0.01
     gpt2.save_pretrained(tmp / "gpt2")
     launch(tmp, tmp / "llama", tmp / "llama_run", "fsdp2", "--lam", "1e-2")
-    launch(tmp, tmp / "gpt2", tmp / "gpt2_run", "zero3", "--lam", "1e-2", "--groups",
+    launch(tmp, tmp / "gpt2", tmp / "gpt2_run", "zero3", "--lam", "1e-2", "--tokenizer", "train",
+           "--groups",
            "*.mlp.c_proj.weight=output;*.attn.c_proj.weight=output")
     return tmp
 
