@@ -517,3 +517,53 @@ def test_txl_train_lm_run_exports(tmp_path):
     u = TransfoXLLM.from_pretrained(tmp_path / "uniform").eval()
     assert u.config.layer_d_inner is None and u.config.d_inner % 8 == 0
     assert rel_diff(ref, txl_logits(u, ids, cfg.tgt_len)) <= RTOL
+    # the checkpoint is verified as a resume verifies it: a flipped byte, an edited manifest
+    f = ckpt / "trainer" / "rank0.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[-1] ^= 1
+    f.write_bytes(bytes(raw))
+    with pytest.raises(ExportError, match="corrupt or truncated"):
+        export_run(out, tmp_path / "bad", verbose=False)
+    raw[-1] ^= 1
+    f.write_bytes(bytes(raw))
+    mf = ckpt / "manifest.json"
+    mf.write_text(mf.read_text().replace('"step": 8', '"step": 7'))
+    with pytest.raises(ExportError, match="does not match its sha256"):
+        export_run(out, tmp_path / "bad", verbose=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_txl_checkpoint_of_another_model_is_refused(tmp_path):
+    from dataclasses import replace
+
+    from ramda_ds.export.txl import export
+
+    m = txl_with_zeros()
+    with pytest.raises(ExportError, match="different model"):
+        export(dict(m.named_parameters()), tmp_path / "out", replace(m.config, d_inner=32))
+    assert not list(tmp_path.iterdir())
+
+
+def test_txl_live_model_and_optimizer_export(tmp_path):
+    """export_model on a Transformer-XL trained here with RAMDA (rows grouped): Ŵ, with memory."""
+    from ramda_ds.export import export_model
+    from ramda_ds.models import TransfoXLLM
+    from ramda_ds.optim import RAMDA
+    from ramda_ds.param_groups import build_param_groups
+
+    m = txl_with_zeros()
+    opt = RAMDA(build_param_groups(m, "group_lasso", lam=1e-2, exclude=["embed.*"],
+                                   grouping={"*": "output"}), lr=1e-2, keep_structured=True)
+    for _ in range(3):
+        x = torch.randint(0, 50, (4, 7))
+        m.loss(x[:, :-1], x[:, 1:])[0].backward()
+        opt.step()
+        opt.zero_grad()
+    r = export_model(m, opt, tmp_path / "out", verbose=False)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(opt.state[p]["structured"].view_as(p))
+    m2 = TransfoXLLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, 50, (2, 18), generator=torch.Generator().manual_seed(3))
+    assert r["params_after"] < r["params_before"]
+    assert rel_diff(txl_logits(m, ids, 6), txl_logits(m2, ids, 6)) <= RTOL
