@@ -361,9 +361,10 @@ def test_live_model_and_optimizer_export(tmp_path):
 
 # ------------------------------------------------------------------------ a RamdaTrainer checkpoint
 def test_hf_trainer_checkpoint_exports(tmp_path):
-    """RamdaTrainer on 1 process, λ = 1e-3 (half the FFN units go in 4 steps): its ``checkpoint-N`` (ramda_ds_optim/ + the trainer
-    json naming the base model) exports in both layouts (the latter found from the Trainer's
-    output_dir), with the logits of the base model carrying the checkpoint's Ŵ."""
+    """RamdaTrainer on 1 process, λ = 1e-3 (half the FFN units go in 4 steps): its
+    ``checkpoint-N`` (ramda_ds_optim/ + the trainer json naming the base model) exports in both
+    layouts (the latter found from the Trainer's output_dir), with the logits of the base model
+    carrying the checkpoint's Ŵ."""
     from ramda_ds.checkpoint import full_state
     from test_hf_trainer import COMMON, EXAMPLE, make_model
 
@@ -389,7 +390,8 @@ def test_hf_trainer_checkpoint_exports(tmp_path):
     assert r["source"]["base_model"] == str((tmp_path / "llama").resolve())
     assert r["logits_max_rel_diff"] <= RTOL and r["params_after"] < r["params_before"]
     m = AutoModelForCausalLM.from_pretrained(tmp_path / "per_layer", trust_remote_code=True)
-    assert [L.mlp.down_proj.in_features for L in m.model.layers] == [max(1, 64 - z) for z in zero_ffn]
+    widths = [L.mlp.down_proj.in_features for L in m.model.layers]
+    assert widths == [max(1, 64 - z) for z in zero_ffn]
     assert rel_diff(logits(dense, x), logits(m, x)) <= RTOL
     assert (tmp_path / "per_layer" / "tokenizer.json").exists()
     r = export_run(tmp_path / "hf", tmp_path / "uniform", layout="uniform", verbose=False)
@@ -474,7 +476,7 @@ def test_txl_config_without_per_layer_fields_loads_as_before(tmp_path):
 
 
 def test_txl_train_lm_run_exports(tmp_path):
-    """launch/train_lm.py (1 process, rows grouped, λ large enough for 8 steps) → export of its checkpoint,
+    """launch/train_lm.py (1 process, rows grouped, λ large for 8 steps) → export of its checkpoint,
     per layer and uniform; reloaded, the logits of 3 segments with memory equal those of the
     Transformer-XL carrying the checkpoint's Ŵ (built here from the run's recorded config)."""
     from ramda_ds.checkpoint import full_state

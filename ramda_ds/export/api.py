@@ -58,8 +58,8 @@ def find_checkpoint(path) -> tuple[str, Path]:
                    if c.name.split("-")[1].isdigit() and (c / TRAINER_META).exists())
     if steps:
         return "trainer", steps[-1][1]
-    raise ExportError(f"{p} is not a checkpoint: no manifest.json or checkpoints/latest (a ramda_ds "
-                      f"run), no {TRAINER_META} or checkpoint-N/{TRAINER_META} (a RamdaTrainer "
+    raise ExportError(f"{p} is not a checkpoint: no manifest.json or checkpoints/latest (a "
+                      f"ramda_ds run), no {TRAINER_META} or checkpoint-N/{TRAINER_META} (a RamdaTrainer "
                       "run)")
 
 

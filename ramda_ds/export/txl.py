@@ -50,7 +50,7 @@ def _layer(sd, cfg, i):
 
 def zero_units(sd: dict, cfg) -> list[dict]:
     """Per layer: ``ffn`` (bool [units], removable), ``fold`` (removable by folding its constant
-    into ``ff.down.bias``), ``heads`` (bool [heads]) and the norms used to refill a uniform layout."""
+    into ``ff.down.bias``), ``heads`` (bool [heads]) and the norms that refill a uniform layout."""
     out = []
     for i in range(cfg.n_layer):
         p, up, down, qkv, o = _layer(sd, cfg, i)
@@ -137,7 +137,8 @@ def prune(sd: dict, cfg, keeps: list[dict]):
 
 
 def dense_model(tensors: dict, cfg):
-    """The Transformer-XL carrying ``tensors`` (fp32, eval); refuses a checkpoint of another model."""
+    """The Transformer-XL carrying ``tensors`` (fp32, eval); refuses a checkpoint of another
+    model."""
     from ..models import TransfoXLLM
     from .api import ExportError
 
@@ -177,7 +178,8 @@ def logits_rel_diff(a, b, cfg, n=2, seed=0) -> float:
 def export(tensors: dict, out: Path, cfg, *, layout="per_layer", multiple_of=1,
            weights="structured", source=None, run_dir=None, verbose=True) -> dict:
     """Prune, check (logits with memory, before anything is written), write: ``config.json``,
-    ``model.safetensors`` (``TransfoXLLM.save_pretrained``), the run's tokenizer, ``pruning.json``."""
+    ``model.safetensors`` (``TransfoXLLM.save_pretrained``), the run's tokenizer and
+    ``pruning.json``."""
     from ..models import TransfoXLConfig, TransfoXLLM
     from .api import RTOL, ExportError, format_report, write_atomically
 
