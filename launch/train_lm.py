@@ -13,7 +13,7 @@ Checkpoints go to output_dir/checkpoints every ``save_every`` steps, at the end 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from ramda_ds.training.launch import (OPTIMIZERS, corpus, loop_config, make_task, read_args,
                                       run_to_end, start, validate_common, wrap)
@@ -103,8 +103,11 @@ def main(argv=None):
         cfg.dropout = a.dropout
     model = TransfoXLLM(cfg)
     task = make_task(acc, a, train_ids, valid_ids, cfg.tgt_len, txl_forward)
-    model, opt, setup = wrap(acc, a, model, model.layers, precision, lm_groups(a))
-    loop = loop_config(a)
+    # RAMDA keeps Ŵ (the structured point, what python -m ramda_ds.export writes by default)
+    model, opt, setup = wrap(acc, a, model, model.layers, precision, lm_groups(a),
+                             keep_structured=a.optimizer == "ramda")
+    setup["model_config"] = asdict(cfg)  # for the export
+    loop = loop_config(a, structured=a.optimizer == "ramda")  # report Ŵ and W, labelled
     rows = run_to_end(acc, lambda: train(acc, model, opt, task, loop, setup))
     return rows
 

@@ -358,3 +358,215 @@ def test_live_model_and_optimizer_export(tmp_path):
     m2 = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True)
     assert r["params_after"] < r["params_before"]
     assert rel_diff(logits(m, X), logits(m2, X)) <= RTOL
+
+
+# ------------------------------------------------------------------------ a RamdaTrainer checkpoint
+def test_hf_trainer_checkpoint_exports(tmp_path):
+    """RamdaTrainer on 1 process, λ = 1e-3 (half the FFN units go in 4 steps): its
+    ``checkpoint-N`` (ramda_ds_optim/ + the trainer json naming the base model) exports in both
+    layouts (the latter found from the Trainer's output_dir), with the logits of the base model
+    carrying the checkpoint's Ŵ."""
+    from ramda_ds.checkpoint import full_state
+    from test_hf_trainer import COMMON, EXAMPLE, make_model
+
+    make_model(tmp_path)
+    p = run([sys.executable, EXAMPLE, "--use_cpu", "--per_device_train_batch_size", "4",
+             "--model_path", "llama", "--train_file", "train.txt", *COMMON, "--momentum", "0.1",
+             "--save_steps", "4", "--output_dir", "hf"], tmp_path)  # c < 1: W is not Ŵ
+    assert p.returncode == 0, p.stderr[-4000:]
+    ck = tmp_path / "hf" / "checkpoint-4"
+    assert not (ck / "manifest.json").exists()
+    state = full_state([ck / "ramda_ds_optim" / "rank0.safetensors"])
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "llama", dtype=torch.float32).eval()
+    with torch.no_grad():
+        for n, q in dense.named_parameters():
+            q.copy_(state[n]["structured"])
+    zero_ffn = [int((state[f"model.layers.{i}.mlp.down_proj.weight"]["structured"] == 0).all(0)
+                    .sum()) for i in range(2)]
+    assert 0 < sum(zero_ffn) < 128
+    x = torch.randint(0, 202, (2, 12), generator=torch.Generator().manual_seed(1))
+    r = export_run(ck, tmp_path / "per_layer", verbose=False)
+    assert r["source"]["kind"] == "trainer" and r["source"]["step"] == 4
+    assert r["source"]["optimizer"] == "RAMDA" and r["source"]["world_size"] == 1
+    assert r["source"]["base_model"] == str((tmp_path / "llama").resolve())
+    assert r["logits_max_rel_diff"] <= RTOL and r["params_after"] < r["params_before"]
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "per_layer", trust_remote_code=True)
+    widths = [L.mlp.down_proj.in_features for L in m.model.layers]
+    assert widths == [max(1, 64 - z) for z in zero_ffn]
+    assert rel_diff(logits(dense, x), logits(m, x)) <= RTOL
+    assert (tmp_path / "per_layer" / "tokenizer.json").exists()
+    r = export_run(tmp_path / "hf", tmp_path / "uniform", layout="uniform", verbose=False)
+    assert r["source"]["checkpoint"] == str(ck)  # the newest checkpoint-N of the output_dir
+    u = AutoModelForCausalLM.from_pretrained(tmp_path / "uniform")
+    assert type(u).__name__ == "LlamaForCausalLM"
+    assert rel_diff(logits(dense, x), logits(u, x)) <= RTOL
+    # an interrupted save (no COMPLETE marker) is refused, nothing written
+    (ck / "ramda_ds_optim" / "COMPLETE").unlink()
+    with pytest.raises(ExportError, match="no COMPLETE marker"):
+        export_run(ck, tmp_path / "bad", verbose=False)
+    assert not (tmp_path / "bad").exists()
+
+
+# ------------------------------------------------------------------------ Transformer-XL
+def txl_with_zeros():
+    """Layer 0: FFN units 0-9 (down columns) and head 1 (o columns) zero; unit 12 has a zero
+    up row and bias 1: it outputs relu(1) = 1 times its down column, folded into down's bias.
+    Layer 1: heads 0 and 3 have zero v rows (output att·v = 0)."""
+    from ramda_ds.models import TransfoXLConfig, TransfoXLLM
+
+    torch.manual_seed(0)
+    cfg = TransfoXLConfig(vocab_size=50, n_layer=2, d_model=32, n_head=4, d_head=8, d_inner=64,
+                          tgt_len=6, mem_len=6, dropout=0.0)
+    m = TransfoXLLM(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 1 or p.shape[0] == 4:  # biases, r_w_bias / r_r_bias: not zero
+                p.normal_()
+        L0, L1 = m.layers
+        L0.ff.down.weight[:, :10] = 0
+        L0.ff.up.weight[12], L0.ff.up.bias[12] = 0, 1.0
+        L0.attn.o.weight[:, 8:16] = 0
+        L1.attn.qkv.weight[64:72] = 0  # v block starts at 2 * 4 * 8
+        L1.attn.qkv.weight[88:96] = 0
+    return m
+
+
+def txl_logits(model, ids, tgt):
+    """Logits of consecutive segments, each attending to the memory of the previous ones."""
+    out, mems = [], None
+    with torch.no_grad():
+        for seg in ids.split(tgt, 1):
+            y, mems = model(seg, mems)
+            out.append(y)
+    return torch.cat(out, 1)
+
+
+@pytest.mark.parametrize("layout", ["per_layer", "uniform"])
+def test_txl_forced_zeros_export_reload_equal_logits_with_memory(layout, tmp_path):
+    from ramda_ds.export.txl import export
+    from ramda_ds.models import TransfoXLLM
+
+    m = txl_with_zeros()
+    r = export(dict(m.named_parameters()), tmp_path / "out", m.config, layout=layout,
+               multiple_of=8, verbose=False)
+    m2 = TransfoXLLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, 50, (2, 18), generator=torch.Generator().manual_seed(3))
+    assert rel_diff(txl_logits(m, ids, 6), txl_logits(m2, ids, 6)) <= RTOL
+    assert r["layers"][0]["folded_ffn_units"] == (1 if layout == "per_layer" else 0)
+    if layout == "per_layer":
+        assert (m2.config.layer_d_inner, m2.config.layer_n_head) == ([53, 64], [3, 2])
+        assert m2.layers[1].attn.qkv.weight.shape == (3 * 2 * 8, 32)
+    else:  # max(53, 64) live units; max(3, 2) heads, layer 1 refilled with a zero head
+        assert (m2.config.layer_d_inner, m2.config.d_inner, m2.config.n_head) == (None, 64, 3)
+    assert r["params_after"] == sum(p.numel() for p in m2.parameters()) < r["params_before"]
+
+
+def test_txl_config_without_per_layer_fields_loads_as_before(tmp_path):
+    """A config.json written before layer_d_inner / layer_n_head existed."""
+    from ramda_ds.models import TransfoXLLM
+
+    m = txl_with_zeros()
+    m.save_pretrained(tmp_path / "old")
+    cfg = json.loads((tmp_path / "old" / "config.json").read_text())
+    for k in ("layer_d_inner", "layer_n_head"):
+        cfg.pop(k)
+    (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
+    m2 = TransfoXLLM.from_pretrained(tmp_path / "old").eval()
+    ids = torch.randint(0, 50, (2, 6))
+    assert torch.equal(m(ids)[0], m2(ids)[0])
+
+
+def test_txl_train_lm_run_exports(tmp_path):
+    """launch/train_lm.py (1 process, rows grouped, λ large for 8 steps) → export of its checkpoint,
+    per layer and uniform; reloaded, the logits of 3 segments with memory equal those of the
+    Transformer-XL carrying the checkpoint's Ŵ (built here from the run's recorded config)."""
+    from ramda_ds.checkpoint import full_state
+    from ramda_ds.models import TransfoXLConfig, TransfoXLLM
+
+    out = tmp_path / "lm"
+    p = run([sys.executable, str(ROOT / "launch" / "train_lm.py"), "--steps", "8", "--eval_every",
+             "8", "--vocab_size", "500", "--lam", "7e-5", "--grouping", "output", "--output_dir",
+             str(out)], tmp_path)  # rows: up rows (units with a bias to fold), v rows of heads
+    assert p.returncode == 0, p.stderr[-3000:]
+    setup = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    cfg = TransfoXLConfig(**setup["model_config"])
+    ckpt = out / "checkpoints" / (out / "checkpoints" / "latest").read_text()
+    state = full_state([ckpt / "weights" / "rank0.safetensors"])
+    dense = TransfoXLLM(cfg).eval()
+    with torch.no_grad():
+        for n, q in dense.named_parameters():
+            q.copy_(state[n]["structured"].view_as(q))
+    w = {n: state[n]["structured"] for n in state}
+    # an FFN unit goes with its down column zero, or its up row (its constant output folded)
+    zero_ffn = [int(((w[f"layers.{i}.ff.down.weight"] == 0).all(0) |
+                     (w[f"layers.{i}.ff.up.weight"] == 0).all(1)).sum()) for i in range(2)]
+    # a head goes with its o columns or its v rows zero (qkv rows viewed [q|k|v, head, d_head])
+    zero_heads = [int(((w[f"layers.{i}.attn.o.weight"].view(64, 4, 16) == 0).all(2).all(0) |
+                       (w[f"layers.{i}.attn.qkv.weight"].view(3, 4, 16 * 64)[2] == 0).all(1))
+                      .sum()) for i in range(2)]
+    assert 0 < sum(zero_ffn) < 512 and 0 < sum(zero_heads) < 8
+    r = export_run(out, tmp_path / "per_layer", verbose=False)
+    assert r["weights"].startswith("structured") and r["source"]["kind"] == "run"
+    assert sum(x["folded_ffn_units"] for x in r["layers"]) > 0
+    m = TransfoXLLM.from_pretrained(tmp_path / "per_layer").eval()
+    assert m.config.layer_d_inner == [256 - z for z in zero_ffn]
+    assert m.config.layer_n_head == [4 - z for z in zero_heads]
+    ids = torch.randint(0, 500, (2, 3 * cfg.tgt_len), generator=torch.Generator().manual_seed(2))
+    ref = txl_logits(dense, ids, cfg.tgt_len)
+    assert rel_diff(ref, txl_logits(m, ids, cfg.tgt_len)) <= RTOL
+    assert r["params_after"] == sum(q.numel() for q in m.parameters()) < r["params_before"]
+    assert (tmp_path / "per_layer" / "sentencepiece.model").exists()
+    r = export_run(ckpt, tmp_path / "uniform", layout="uniform", multiple_of=8, verbose=False)
+    u = TransfoXLLM.from_pretrained(tmp_path / "uniform").eval()
+    assert u.config.layer_d_inner is None and u.config.d_inner % 8 == 0
+    assert rel_diff(ref, txl_logits(u, ids, cfg.tgt_len)) <= RTOL
+    # the checkpoint is verified as a resume verifies it: a flipped byte, an edited manifest
+    f = ckpt / "trainer" / "rank0.safetensors"
+    raw = bytearray(f.read_bytes())
+    raw[-1] ^= 1
+    f.write_bytes(bytes(raw))
+    with pytest.raises(ExportError, match="corrupt or truncated"):
+        export_run(out, tmp_path / "bad", verbose=False)
+    raw[-1] ^= 1
+    f.write_bytes(bytes(raw))
+    mf = ckpt / "manifest.json"
+    mf.write_text(mf.read_text().replace('"step": 8', '"step": 7'))
+    with pytest.raises(ExportError, match="does not match its sha256"):
+        export_run(out, tmp_path / "bad", verbose=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_txl_checkpoint_of_another_model_is_refused(tmp_path):
+    from dataclasses import replace
+
+    from ramda_ds.export.txl import export
+
+    m = txl_with_zeros()
+    with pytest.raises(ExportError, match="different model"):
+        export(dict(m.named_parameters()), tmp_path / "out", replace(m.config, d_inner=32))
+    assert not list(tmp_path.iterdir())
+
+
+def test_txl_live_model_and_optimizer_export(tmp_path):
+    """export_model on a Transformer-XL trained here with RAMDA (rows grouped): Ŵ, with memory."""
+    from ramda_ds.export import export_model
+    from ramda_ds.models import TransfoXLLM
+    from ramda_ds.optim import RAMDA
+    from ramda_ds.param_groups import build_param_groups
+
+    m = txl_with_zeros()
+    opt = RAMDA(build_param_groups(m, "group_lasso", lam=1e-2, exclude=["embed.*"],
+                                   grouping={"*": "output"}), lr=1e-2, keep_structured=True)
+    for _ in range(3):
+        x = torch.randint(0, 50, (4, 7))
+        m.loss(x[:, :-1], x[:, 1:])[0].backward()
+        opt.step()
+        opt.zero_grad()
+    r = export_model(m, opt, tmp_path / "out", verbose=False)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(opt.state[p]["structured"].view_as(p))
+    m2 = TransfoXLLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, 50, (2, 18), generator=torch.Generator().manual_seed(3))
+    assert r["params_after"] < r["params_before"]
+    assert rel_diff(txl_logits(m, ids, 6), txl_logits(m2, ids, 6)) <= RTOL

@@ -251,7 +251,8 @@ def test_a_write_failing_on_one_of_two_ranks_stops_both_promptly(tmp_path):
     p = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-5000:]
     r0, r1 = (json.loads((tmp_path / f"result{r}.json").read_text()) for r in (0, 1))
-    assert r0 == r1  # the same message on every rank
+    msgs = [{k: v for k, v in r.items() if not k.endswith(" seconds")} for r in (r0, r1)]
+    assert msgs[0] == msgs[1]  # the same message on every rank (their timings differ a little)
     for case, rank in [("weights", 1), ("weights", 0), ("trainer", 1), ("manifest", 0),
                        ("latest", 0)]:
         msg = r0[f"{case}@{rank}"]

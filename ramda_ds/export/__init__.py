@@ -4,8 +4,9 @@
                               [--weights structured|W] [--base_model DIR]
 
 ``prune`` is the pure core (state dict + config + removable units → pruned state dict + sizes);
-``api`` reads the sources (a run checkpoint of any world size, or a live model + optimizer),
-checks the logits and writes the directory.
+``api`` reads the sources (a run checkpoint of any world size, a RamdaTrainer ``checkpoint-N``,
+or a live model + optimizer), checks the logits and writes the directory; ``txl`` does the same
+for the project's Transformer-XL.
 """
 
 from .api import ExportError, export_model, export_run, export_weights

@@ -11,7 +11,8 @@ def main(argv=None) -> int:
         "Remove the zero FFN units and attention heads of a ramda_ds run and write a Hugging "
         "Face checkpoint that loads with AutoModelForCausalLM.from_pretrained."))
     ap.add_argument("checkpoint",
-                    help="a run's output_dir, its checkpoints/ or one step_N directory")
+                    help="a run's output_dir, its checkpoints/ or one step_N directory; or a "
+                    "RamdaTrainer checkpoint-N (or the Trainer's output_dir: its newest one)")
     ap.add_argument("out", help="new output directory (must not exist)")
     ap.add_argument("--layout", choices=("per_layer", "uniform"), default="per_layer",
                     help="per_layer: each layer keeps its own units (loads with "

@@ -10,7 +10,6 @@ written under a temporary name and renamed at the end, so a refusal leaves nothi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -33,49 +32,94 @@ class ExportError(ValueError):
 
 
 # ---------------------------------------------------------------------------- sources
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+TRAINER_META = "ramda_ds_trainer.json"  # written by ramda_ds.hf.RamdaTrainer in checkpoint-N/
 
 
-def find_checkpoint(path) -> Path:
-    """A checkpoint directory (has manifest.json), a checkpoints root, or a run's output_dir."""
+def find_checkpoint(path) -> tuple[str, Path]:
+    """(kind, directory): ``run`` — a run checkpoint (manifest.json), found also through a
+    checkpoints root or a run's output_dir (``latest``); ``trainer`` — a Hugging Face Trainer
+    checkpoint written by RamdaTrainer (``checkpoint-N/`` with ``ramda_ds_trainer.json``), also
+    the newest one under a Trainer output_dir."""
+    from ..checkpoint import CheckpointError
+    from ..training.run_checkpoint import LATEST, MANIFEST, _read_latest
+
     p = Path(path)
-    for root in (p, p / "checkpoints"):
-        if (root / "latest").exists():
-            return root / (root / "latest").read_text().strip()
-    if (p / "manifest.json").exists():
-        return p
-    raise ExportError(f"{p} is not a run checkpoint (no manifest.json, no checkpoints/latest)")
+    try:
+        for root in (p, p / "checkpoints"):
+            if (root / LATEST).exists():
+                return "run", root / _read_latest(root)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    if (p / MANIFEST).exists():
+        return "run", p
+    if (p / TRAINER_META).exists():
+        return "trainer", p
+    steps = sorted((int(c.name.split("-")[1]), c) for c in p.glob("checkpoint-*")
+                   if c.name.split("-")[1].isdigit() and (c / TRAINER_META).exists())
+    if steps:
+        return "trainer", steps[-1][1]
+    raise ExportError(f"{p} is not a checkpoint: no manifest.json or checkpoints/latest (a "
+                      f"ramda_ds run), no {TRAINER_META} or checkpoint-N/{TRAINER_META} (a RamdaTrainer "
+                      "run)")
 
 
 def read_checkpoint(path, weights: str = "structured"):
-    """(whole tensors by name, manifest, checkpoint dir) of a run checkpoint written by any number
-    of ranks; ``weights``: ``structured`` (RAMDA's Ŵ) or ``W`` (the master weights)."""
+    """(whole tensors by name, source info, checkpoint dir) of a run checkpoint or a RamdaTrainer
+    checkpoint written by any number of ranks; ``weights``: ``structured`` (RAMDA's Ŵ) or ``W``
+    (the master weights). ``info``: step, world_size, optimizer, base_model (recorded, or None),
+    run_dir (where a run's metrics.jsonl and tokenizer are, or None)."""
+    kind, ckpt = find_checkpoint(path)
+    info, files = (read_run(ckpt) if kind == "run" else read_trainer(ckpt))
     from ..checkpoint import CheckpointError, full_state
 
-    ckpt = find_checkpoint(path)
     try:
-        manifest = json.loads((ckpt / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ExportError(f"cannot read {ckpt / 'manifest.json'}: {e}") from None
-    if manifest.get("format") != "ramda_ds.run/1":
-        raise ExportError(f"{ckpt}: unknown checkpoint format {manifest.get('format')!r}")
-    for rel, info in sorted(manifest["files"].items()):
-        if rel.startswith("weights/"):
-            f = ckpt / rel
-            if not f.exists() or f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
-                raise ExportError(f"{f} is missing, truncated or corrupt (sha256 differs from the "
-                                  "manifest)")
-    try:
-        state = full_state([ckpt / "weights" / f"rank{r}.safetensors"
-                            for r in range(manifest["world_size"])])
+        state = full_state(files)
     except CheckpointError as e:
         raise ExportError(str(e)) from None
-    return pick(state, weights, manifest["fingerprint"]["optimizer"]), manifest, ckpt
+    return pick(state, weights, info["optimizer"]), info, ckpt
+
+
+def read_run(ckpt: Path) -> tuple[dict, list[Path]]:
+    """A run checkpoint, verified as a resume verifies it (manifest hash and fields, sha256 of
+    every file: :func:`ramda_ds.training.run_checkpoint.read_verified_manifest`)."""
+    from ..checkpoint import CheckpointError
+    from ..training.run_checkpoint import read_verified_manifest
+
+    try:
+        m = read_verified_manifest(ckpt)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    run_dir = ckpt.parent.parent
+    info = dict(kind="run", checkpoint=str(ckpt), step=m["step"], world_size=m["world_size"],
+                optimizer=m["fingerprint"]["optimizer"], run_dir=run_dir,
+                base_model=setup_field(run_dir, "model"),
+                model_config=setup_field(run_dir, "model_config"))
+    return info, [ckpt / "weights" / f"rank{r}.safetensors" for r in range(m["world_size"])]
+
+
+def read_trainer(ckpt: Path) -> tuple[dict, list[Path]]:
+    """A RamdaTrainer ``checkpoint-N``: ``ramda_ds_trainer.json`` (optimizer, step, world size,
+    base model) and the state in ``ramda_ds_optim/rank{r}.safetensors``, complete when rank 0
+    wrote its ``COMPLETE`` marker (:func:`ramda_ds.checkpoint.save_optimizer_state`)."""
+    from ..checkpoint import MARKER
+
+    try:
+        meta = json.loads((ckpt / TRAINER_META).read_text())
+        state_dir = ckpt / meta.get("state_dir", "ramda_ds_optim")
+        marker = state_dir / MARKER
+        if not marker.exists():
+            raise ExportError(f"{state_dir} has no {MARKER} marker: the save of {ckpt} was "
+                              "interrupted (or it holds no ramda_ds optimizer state)")
+        world = json.loads(marker.read_text())["world_size"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ExportError(f"cannot read the RamdaTrainer checkpoint {ckpt}: {e}") from None
+    if meta.get("world_size") != world or not isinstance(world, int) or world < 1:
+        raise ExportError(f"{ckpt}: {TRAINER_META} says world size {meta.get('world_size')!r}, "
+                          f"{marker} says {world!r}: the checkpoint is inconsistent")
+    info = dict(kind="trainer", checkpoint=str(ckpt), step=meta.get("step"), world_size=world,
+                optimizer=meta.get("optimizer", "the run's optimizer"), run_dir=None,
+                base_model=meta.get("base_model") or None, model_config=None)
+    return info, [state_dir / f"rank{r}.safetensors" for r in range(world)]
 
 
 def pick(state: dict, weights: str, optimizer: str) -> dict:
@@ -93,41 +137,64 @@ def pick(state: dict, weights: str, optimizer: str) -> dict:
     return {n: st[key] for n, st in state.items()}
 
 
-def base_model_of(ckpt: Path) -> str | None:
-    """The ``model`` the run loaded, from the setup row of its metrics.jsonl."""
-    metrics = ckpt.parent.parent / "metrics.jsonl"
+def setup_field(run_dir: Path, key: str):
+    """``key`` of the last setup/resume row of a run's metrics.jsonl (e.g. the ``model`` it
+    loaded), or None."""
+    metrics = Path(run_dir) / "metrics.jsonl"
     if not metrics.exists():
         return None
-    model = None
+    value = None
     for line in metrics.read_text().splitlines():
         row = json.loads(line)
-        if row.get("event") in ("setup", "resume") and row.get("model"):
-            model = row["model"]
-    return model
+        if row.get("event") in ("setup", "resume") and row.get(key):
+            value = row[key]
+    return value
 
 
 def export_run(checkpoint, out, *, layout="per_layer", multiple_of=1, weights="structured",
                base_model=None, verbose=True) -> dict:
-    """Export a run checkpoint (any world size, any backend). The base model directory (for the
-    config, tokenizer, tied and frozen tensors) is the run's ``model`` unless given. Returns the
-    report also written to ``out/pruning.json``."""
+    """Export a run checkpoint or a RamdaTrainer checkpoint (any world size, any backend). The
+    base model directory (for the config, tokenizer, tied and frozen tensors) is the one the run
+    recorded unless given. Returns the report also written to ``out/pruning.json``."""
     out = Path(out)
     if out.exists():
         raise ExportError(f"output directory {out} exists; choose a new one (nothing was written)")
-    tensors, manifest, ckpt = read_checkpoint(checkpoint, weights)
-    base = base_model or base_model_of(ckpt)
+    tensors, info, ckpt = read_checkpoint(checkpoint, weights)
+    source = {k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()
+              if k not in ("run_dir", "model_config", "base_model")}
+    txl = txl_config(base_model) if base_model else info["model_config"]
+    if txl:  # the project's Transformer-XL (launch/train_lm.py records its config)
+        from . import txl as T
+
+        if base_model:
+            source["base_model"] = str(base_model)
+        return T.export(tensors, out, txl, layout=layout, multiple_of=multiple_of,
+                        weights=weights, source=source, run_dir=info["run_dir"], verbose=verbose)
+    base = base_model or info["base_model"]
     if not base:
+        where = (f"the setup row of {info['run_dir'] / 'metrics.jsonl'}" if info["kind"] == "run"
+                 else ckpt / TRAINER_META)
         raise ExportError(f"cannot tell which base model {ckpt} was trained from (no 'model' in "
-                          f"the setup row of {ckpt.parent.parent / 'metrics.jsonl'}); pass "
-                          "--base_model DIR")
+                          f"{where}); pass --base_model DIR")
     if not (Path(base) / "config.json").exists():
         raise ExportError(f"base model {base} (recorded by the run) is not a local HF checkpoint "
                           "directory with config.json; pass --base_model DIR")
-    source = dict(checkpoint=str(ckpt), step=manifest["step"], world_size=manifest["world_size"],
-                  optimizer=manifest["fingerprint"]["optimizer"], base_model=str(base))
+    source["base_model"] = str(base)
     return export_weights(tensors, out, base_model=base, layout=layout, multiple_of=multiple_of,
-                          weights=weights, source=source, run_dir=ckpt.parent.parent,
+                          weights=weights, source=source, run_dir=info["run_dir"],
                           verbose=verbose)
+
+
+def txl_config(base_model) -> dict | None:
+    """The config of a saved ``TransfoXLLM`` directory, or None (not one)."""
+    from .txl import is_txl_config
+
+    f = Path(base_model) / "config.json"
+    try:
+        d = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return d if is_txl_config(d) else None
 
 
 def export_model(model, optimizer, out, *, layout="per_layer", multiple_of=1,
@@ -154,6 +221,14 @@ def export_model(model, optimizer, out, *, layout="per_layer", multiple_of=1,
         raise ExportError(f"{type(model).__name__} has no HF config: export needs a "
                           "transformers PreTrainedModel")
     tensors = pick(state, weights, type(opt).__name__)
+    from .txl import is_txl_config
+
+    if is_txl_config(inner.config):
+        from . import txl as T
+
+        return T.export(tensors, Path(out), inner.config, layout=layout, multiple_of=multiple_of,
+                        weights=weights, source=dict(optimizer=type(opt).__name__, live=True),
+                        verbose=verbose)
     return export_weights(tensors, Path(out), config=inner.config, base_model=base_model,
                           layout=layout, multiple_of=multiple_of, weights=weights,
                           source=dict(optimizer=type(opt).__name__, live=True), verbose=verbose)
@@ -277,24 +352,33 @@ def export_weights(tensors: dict, out: Path, *, config=None, base_model=None, la
                          rel, source, from_base)
     if verbose:
         print(format_report(report), flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+
+    def write(tmp: Path):
         pruned.save_pretrained(tmp)
         if layout == "per_layer":
             shutil.copy(TEMPLATE, tmp / TEMPLATE.name)
         report["tokenizer"] = copy_tokenizer(base_model, run_dir, tmp)
         (tmp / "pruning.json").write_text(json.dumps(report, indent=1))
+    write_atomically(out, write)
+    return report
+
+
+def write_atomically(out: Path, write) -> None:
+    """``write(tmp)`` into a hidden temporary directory next to ``out``, renamed to ``out`` at the
+    end; on any error the temporary directory goes and ``out`` does not appear."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        write(tmp)
         if out.exists():
             raise ExportError(f"output directory {out} appeared while exporting; nothing written")
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return report
 
 
-def copy_tokenizer(base_model, run_dir, dest: Path) -> str | None:
+def copy_tokenizer(base_model, run_dir, dest: Path, modulo: bool = True) -> str | None:
     """The base model's HF tokenizer, else the SentencePiece model the run trained (its ids were
     taken modulo the vocabulary), else None."""
     if base_model and any((Path(base_model) / f).exists() for f in TOKENIZER_FILES):
@@ -306,8 +390,8 @@ def copy_tokenizer(base_model, run_dir, dest: Path) -> str | None:
         sp = sorted((Path(run_dir) / "data").glob("sp*.model"))
         if sp:
             shutil.copy(sp[-1], dest / "sentencepiece.model")
-            return (f"sentencepiece.model: trained by the run ({sp[-1]}); ids are taken modulo "
-                    "vocab_size")
+            return (f"sentencepiece.model: trained by the run ({sp[-1]})" +
+                    ("; ids are taken modulo vocab_size" if modulo else ""))
     return None
 
 

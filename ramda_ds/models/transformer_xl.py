@@ -11,7 +11,9 @@ term is computed for all distances at once and aligned with the "relative shift"
 values run over ``[memory; current segment]``; memory is detached (no gradient into the past).
 
 ``save_pretrained(dir)`` / ``from_pretrained(dir)`` write and read ``config.json`` and
-``model.safetensors``, as Hugging Face models do. transformers 5 no longer ships Transformer-XL.
+``model.safetensors``, as Hugging Face models do (transformers 5 no longer ships Transformer-XL).
+A pruned model (``python -m ramda_ds.export``) has per-layer FFN widths and head counts
+(``layer_d_inner``, ``layer_n_head`` in its config; absent in older configs: uniform).
 """
 
 from __future__ import annotations
@@ -39,6 +41,21 @@ class TransfoXLConfig:
     dropout: float = 0.1
     dropatt: float = 0.0
     tie_weights: bool = True
+    # per-layer widths (a pruned model, ``python -m ramda_ds.export``); None: d_inner / n_head
+    layer_d_inner: list[int] | None = None
+    layer_n_head: list[int] | None = None
+
+    def __post_init__(self):
+        for key in ("layer_d_inner", "layer_n_head"):
+            v = getattr(self, key)
+            if v is not None and (len(v) != self.n_layer or min(v) < 1):
+                raise ValueError(f"{key} must list {self.n_layer} sizes >= 1, got {v!r}")
+
+    def d_inner_of(self, i: int) -> int:
+        return self.layer_d_inner[i] if self.layer_d_inner else self.d_inner
+
+    def n_head_of(self, i: int) -> int:
+        return self.layer_n_head[i] if self.layer_n_head else self.n_head
 
     @classmethod
     def preset(cls, name: str, vocab_size: int) -> "TransfoXLConfig":
@@ -63,14 +80,14 @@ def _rel_shift(x: torch.Tensor) -> torch.Tensor:
 
 
 class RelMultiHeadAttn(nn.Module):
-    def __init__(self, c: TransfoXLConfig):
+    def __init__(self, c: TransfoXLConfig, n_head: int | None = None):
         super().__init__()
-        self.h, self.dh = c.n_head, c.d_head
-        self.qkv = nn.Linear(c.d_model, 3 * c.n_head * c.d_head, bias=False)
-        self.r_net = nn.Linear(c.d_model, c.n_head * c.d_head, bias=False)
-        self.o = nn.Linear(c.n_head * c.d_head, c.d_model, bias=False)
-        self.r_w_bias = nn.Parameter(torch.zeros(c.n_head, c.d_head))
-        self.r_r_bias = nn.Parameter(torch.zeros(c.n_head, c.d_head))
+        self.h, self.dh = n_head or c.n_head, c.d_head
+        self.qkv = nn.Linear(c.d_model, 3 * self.h * c.d_head, bias=False)
+        self.r_net = nn.Linear(c.d_model, self.h * c.d_head, bias=False)
+        self.o = nn.Linear(self.h * c.d_head, c.d_model, bias=False)
+        self.r_w_bias = nn.Parameter(torch.zeros(self.h, c.d_head))
+        self.r_r_bias = nn.Parameter(torch.zeros(self.h, c.d_head))
         self.norm = nn.LayerNorm(c.d_model)
         self.drop, self.dropatt = nn.Dropout(c.dropout), nn.Dropout(c.dropatt)
 
@@ -92,9 +109,10 @@ class RelMultiHeadAttn(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, c: TransfoXLConfig):
+    def __init__(self, c: TransfoXLConfig, d_inner: int | None = None):
         super().__init__()
-        self.up, self.down = nn.Linear(c.d_model, c.d_inner), nn.Linear(c.d_inner, c.d_model)
+        d_inner = d_inner or c.d_inner
+        self.up, self.down = nn.Linear(c.d_model, d_inner), nn.Linear(d_inner, c.d_model)
         self.norm, self.drop = nn.LayerNorm(c.d_model), nn.Dropout(c.dropout)
 
     def forward(self, x):
@@ -102,9 +120,9 @@ class FeedForward(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, c: TransfoXLConfig):
+    def __init__(self, c: TransfoXLConfig, i: int = 0):
         super().__init__()
-        self.attn, self.ff = RelMultiHeadAttn(c), FeedForward(c)
+        self.attn, self.ff = RelMultiHeadAttn(c, c.n_head_of(i)), FeedForward(c, c.d_inner_of(i))
 
     def forward(self, x, r, mem, mask):
         return self.ff(self.attn(x, r, mem, mask))
@@ -117,7 +135,7 @@ class TransfoXLLM(nn.Module):
         super().__init__()
         self.config = c = config
         self.embed = nn.Embedding(c.vocab_size, c.d_model)
-        self.layers = nn.ModuleList(Layer(c) for _ in range(c.n_layer))
+        self.layers = nn.ModuleList(Layer(c, i) for i in range(c.n_layer))
         self.out = nn.Linear(c.d_model, c.vocab_size)
         if c.tie_weights:
             self.out.weight = self.embed.weight

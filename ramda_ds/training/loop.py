@@ -119,12 +119,16 @@ def evaluate(model, opt, task: Task, structured: bool) -> dict:
     ``W_is_structured``: whether W == Ŵ exactly (true once c reached 1 in the final stage)."""
     from .structured import structured_weights, weights_are_structured
 
-    out = {f"{k}_W": v for k, v in task.evaluate(model).items()}
+    w = task.evaluate(model)
+    out = {f"{k}_W": v for k, v in w.items()}
     if structured:
-        with structured_weights(opt):
-            hat = task.evaluate(model)
-        out = {**{f"{k}_structured": v for k, v in hat.items()}, **out,
-               "W_is_structured": weights_are_structured(opt)}
+        same = weights_are_structured(opt)
+        if same:  # c reached 1: Ŵ is W, evaluated already
+            hat = w
+        else:
+            with structured_weights(opt):
+                hat = task.evaluate(model)
+        out = {**{f"{k}_structured": v for k, v in hat.items()}, **out, "W_is_structured": same}
     return out
 
 

@@ -412,20 +412,7 @@ class RunCheckpointer:
 
     def _verify(self, path: Path, files: dict) -> None:
         """sha256 of every file, split over the ranks; every rank raises the same first error."""
-        problems = []
-        for rel, info in sorted(files.items())[self.rank::self.world]:
-            f = path / rel
-            if not f.exists():
-                problems.append(f"{f} is missing")
-                continue
-            try:
-                size, digest = _sha256(f)
-            except Exception as e:
-                problems.append(f"cannot read {f}: {_why(e)}")
-                continue
-            if size != info["bytes"] or digest != info["sha256"]:
-                problems.append(f"{f} is corrupt or truncated ({size} bytes, sha256 {digest[:12]}…;"
-                                f" the manifest says {info['bytes']} bytes, {info['sha256'][:12]}…)")
+        problems = file_problems(path, sorted(files.items())[self.rank::self.world])
         d = _dist()
         if d:
             every = [None] * self.world
@@ -476,39 +463,78 @@ class RunCheckpointer:
     @staticmethod
     def _manifest(path: Path) -> dict:
         """The manifest, checked against its hash, its own fields and the directory's name."""
+        return read_manifest(path)
+
+
+def file_problems(path: Path, items) -> list[str]:
+    """For ``(relative path, {bytes, sha256})`` items: one line per file missing, unreadable or
+    not what the manifest says (size and sha256)."""
+    problems = []
+    for rel, info in items:
+        f = path / rel
+        if not f.exists():
+            problems.append(f"{f} is missing")
+            continue
         try:
-            raw = (path / MANIFEST).read_bytes()
-        except FileNotFoundError:
-            raise CheckpointError(f"{path} is not a complete checkpoint (no {MANIFEST}: the save "
-                                  "was interrupted, or this is not a checkpoint directory)") from None
-        try:
-            manifest = json.loads(raw.decode("utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path / MANIFEST} is corrupt: {e}") from None
-        if not isinstance(manifest, dict):
-            raise CheckpointError(f"{path / MANIFEST} is malformed: not a JSON object")
-        if manifest.get("format") != FORMAT:
-            old = " (written by an older ramda_ds, whose manifest is not verified)" \
-                if manifest.get("format") == "ramda_ds.run/1" else ""
-            raise CheckpointError(f"{path}: unknown checkpoint format "
-                                  f"{manifest.get('format')!r}{old}; this version reads {FORMAT}")
-        sidecar = path / MANIFEST_SHA
-        if not sidecar.exists():
-            raise CheckpointError(f"{path} has no {MANIFEST_SHA}: the manifest cannot be verified")
-        digest = sidecar.read_bytes()[:64].decode("ascii", errors="replace")
-        if hashlib.sha256(raw).hexdigest() != digest:
-            raise CheckpointError(f"{path / MANIFEST} does not match its sha256 in {MANIFEST_SHA} "
-                                  "(edited or corrupt): it is not trusted")
-        _check_manifest(manifest, path / MANIFEST)
-        listed, needed = set(manifest["files"]), expected_files(manifest["world_size"])
-        if listed != needed:
-            what = sorted(needed - listed) or sorted(listed - needed)
-            raise CheckpointError(
-                f"{path / MANIFEST} lists {sorted(listed) or 'no files'}, a checkpoint written by "
-                f"{manifest['world_size']} rank(s) has exactly {sorted(needed)} ({what[0]} "
-                f"{'missing' if needed - listed else 'unexpected'})")
-        m = re.fullmatch(r"step_(\d+)", path.name)
-        if m and int(m.group(1)) != manifest["step"]:
-            raise CheckpointError(f"{path / MANIFEST} says step {manifest['step']}, the "
-                                  f"directory is {path.name}")
-        return manifest
+            size, digest = _sha256(f)
+        except Exception as e:
+            problems.append(f"cannot read {f}: {_why(e)}")
+            continue
+        if size != info["bytes"] or digest != info["sha256"]:
+            problems.append(f"{f} is corrupt or truncated ({size} bytes, sha256 {digest[:12]}…;"
+                            f" the manifest says {info['bytes']} bytes, {info['sha256'][:12]}…)")
+    return problems
+
+
+def read_verified_manifest(path) -> dict:
+    """The manifest of checkpoint ``path`` after every check :meth:`RunCheckpointer.load` makes
+    before it reads state (manifest hash, fields, file list, step vs. directory name, and the
+    size + sha256 of every listed file), on this process alone (no collective: for readers such
+    as the export). CheckpointError naming the first problem."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    problems = file_problems(path, sorted(manifest["files"].items()))
+    if problems:
+        raise CheckpointError(problems[0])
+    return manifest
+
+
+def read_manifest(path: Path) -> dict:
+    """The manifest, checked against its hash, its own fields and the directory's name (the
+    files themselves: :func:`file_problems`)."""
+    try:
+        raw = (path / MANIFEST).read_bytes()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {MANIFEST}: the save "
+                              "was interrupted, or this is not a checkpoint directory)") from None
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path / MANIFEST} is corrupt: {e}") from None
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{path / MANIFEST} is malformed: not a JSON object")
+    if manifest.get("format") != FORMAT:
+        old = " (written by an older ramda_ds, whose manifest is not verified)" \
+            if manifest.get("format") == "ramda_ds.run/1" else ""
+        raise CheckpointError(f"{path}: unknown checkpoint format "
+                              f"{manifest.get('format')!r}{old}; this version reads {FORMAT}")
+    sidecar = path / MANIFEST_SHA
+    if not sidecar.exists():
+        raise CheckpointError(f"{path} has no {MANIFEST_SHA}: the manifest cannot be verified")
+    digest = sidecar.read_bytes()[:64].decode("ascii", errors="replace")
+    if hashlib.sha256(raw).hexdigest() != digest:
+        raise CheckpointError(f"{path / MANIFEST} does not match its sha256 in {MANIFEST_SHA} "
+                              "(edited or corrupt): it is not trusted")
+    _check_manifest(manifest, path / MANIFEST)
+    listed, needed = set(manifest["files"]), expected_files(manifest["world_size"])
+    if listed != needed:
+        what = sorted(needed - listed) or sorted(listed - needed)
+        raise CheckpointError(
+            f"{path / MANIFEST} lists {sorted(listed) or 'no files'}, a checkpoint written by "
+            f"{manifest['world_size']} rank(s) has exactly {sorted(needed)} ({what[0]} "
+            f"{'missing' if needed - listed else 'unexpected'})")
+    m = re.fullmatch(r"step_(\d+)", path.name)
+    if m and int(m.group(1)) != manifest["step"]:
+        raise CheckpointError(f"{path / MANIFEST} says step {manifest['step']}, the "
+                              f"directory is {path.name}")
+    return manifest

@@ -89,6 +89,7 @@ for where, at in [("weights", 1), ("weights", 0), ("trainer", 1), ("manifest", 0
     result[f"{where}@{at} seconds"] = round(time.perf_counter() - t0, 1)
     result[f"{where}@{at} latest"] = (OUT / "checkpoints" / "latest").read_text()
     assert not list((OUT / "checkpoints").glob("*.partial")), where
+    dist.barrier()  # before rank 0's next save makes a new .partial
 ck.save(2, opt, dict(position=2), run_checkpoint.rng_state())
 result["then"] = (OUT / "checkpoints" / "latest").read_text()
 model2, opt2 = build()
