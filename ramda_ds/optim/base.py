@@ -236,7 +236,13 @@ class StructuredOptimizer(torch.optim.Optimizer):
     def _solve_batch(self, group, items, comm, stage_step):
         probs = [pr for _, pr in items]
         if group.get("solver", "pg") == "exact":
+            # warm_start: each group's root position from its previous solve (per group, not checkpointed)
+            warm = self.__dict__.setdefault("_warm_mu", {}) if group.get("warm_start") else None
+            for seg, pr in items if warm is not None else ():
+                pr.root_at = warm.get((seg.name, seg.lo, seg.hi))
             stats = solve_exact(probs, comm)
+            for seg, pr in items if warm is not None else ():
+                warm[(seg.name, seg.lo, seg.hi)] = pr.root_at
         else:
             eps0 = group.get("inexact_eps0")
             tol = None if eps0 is None else eps0 / stage_step
@@ -251,6 +257,8 @@ class StructuredOptimizer(torch.optim.Optimizer):
         _check(isinstance(g["max_iters"], int) and g["max_iters"] >= 1,
                f"{where}: max_iters must be an int >= 1, got {g['max_iters']!r}")
         _check(0 <= g["rtol"] < 1, f"{where}: rtol must be in [0, 1), got {g['rtol']!r}")
+        _check(isinstance(g.get("warm_start", False), bool),
+               f"{where}: warm_start must be True or False, got {g.get('warm_start')!r}")
         e = g.get("inexact_eps0")
         _check(e is None or e > 0, f"{where}: inexact_eps0 must be None or > 0, got {e!r}")
 
