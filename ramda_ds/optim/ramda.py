@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from .. import kernels
 from ..cube_root import cube_root  # noqa: F401  (re-exported: ramda_ds.optim.ramda.cube_root)
 from ..solvers import Subproblem
 from ..stages import dual_averaging_stage
@@ -33,7 +34,8 @@ class RAMDA(StructuredOptimizer):
     (keep Ŵ of the last step in ``state[p]["structured"]``, 4 more bytes/parameter),
     ``warm_start`` (exact solver: start each group's Newton iteration at its previous μ; same
     root to fp32 precision, fewer passes; the μ are not checkpointed, so a resumed run's first
-    step starts cold and differs from the uninterrupted one within that precision).
+    step starts cold and differs from the uninterrupted one within that precision),
+    ``backend`` (``"auto"`` | ``"torch"`` | ``"triton"``: see :mod:`ramda_ds.kernels`).
     """
 
     restart_zero = ("grad_sum", "grad_sq_sum", "alpha")
@@ -42,21 +44,24 @@ class RAMDA(StructuredOptimizer):
     def __init__(self, params, lr=1e-2, momentum=0.1, eps=1e-6, regularizer=None, lam=0.0,
                  grouping="input", solver="pg", max_iters=100, rtol=1e-8, inexact_eps0=None,
                  milestones=(), gamma=0.1, final_stage_ramp=True, keep_structured=False, view=None,
-                 warm_start=False):
+                 warm_start=False, backend="auto"):
         super().__init__(params, dict(lr=lr, momentum=momentum, eps=eps, regularizer=regularizer,
                                       lam=lam, grouping=grouping, solver=solver, max_iters=max_iters,
                                       rtol=rtol, inexact_eps0=inexact_eps0, milestones=milestones,
                                       gamma=gamma, final_stage_ramp=final_stage_ramp,
                                       keep_structured=keep_structured,
-                                      warm_start=warm_start), view)
+                                      warm_start=warm_start, backend=backend), view)
         for i, g in enumerate(self.param_groups):
             self._validate_solver(g, f"param_groups[{i}]")
+            kernels.check_backend(g["backend"], f"param_groups[{i}]")
 
     def _init_state(self, w, g):
         return dict(alpha=torch.zeros((), dtype=torch.float64), grad_sum=torch.zeros_like(g),
                     grad_sq_sum=torch.zeros_like(g), initial=w.to(g.dtype, copy=True))
 
     def _update_group(self, group, present):
+        if self._triton_step(group, present):
+            return
         items, updates, i = [], [], 1
         for k, p, w, g in self._params(group, present):
             st = self._state(p, w, g)
@@ -82,6 +87,15 @@ class RAMDA(StructuredOptimizer):
             if group["keep_structured"]:
                 self.state[p]["structured"] = self.view.wrap_state(p, w_hat)
             self._maybe_restart(group, st, w)
+
+    def _triton_step(self, group, present) -> bool:
+        """The fused Triton step (:mod:`ramda_ds.kernels.exact`) where it applies, else False."""
+        if group["solver"] != "exact" or self.view.comm.world_size > 1 or not group["params"]:
+            return False
+        if not kernels.use_triton(group["backend"], group["params"][0].device):
+            return False
+        from ..kernels.exact import ramda_exact_step
+        return ramda_exact_step(self, group, present)
 
 
 def _start_point(w, W0, V, P, segs, warm: bool) -> torch.Tensor:

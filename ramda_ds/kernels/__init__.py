@@ -1,0 +1,56 @@
+"""Triton kernels for the optimizer step, and the switch that chooses them.
+
+``backend`` (a param-group option of RAMDA): ``"torch"`` — the pure-torch reference, runs
+everywhere; ``"triton"`` — the fused kernels of :mod:`ramda_ds.kernels.exact` where they apply
+(exact solver, unsharded float32 tensors), torch elsewhere; ``"auto"`` (default) — Triton only
+for CUDA tensors when ``triton`` is importable, so it never picks a path that cannot run.  On CPU
+the kernels run only under ``TRITON_INTERPRET=1`` (the interpreter; the tests use it).
+
+:data:`LAUNCHES` counts kernel launches (``bench/optimizer_step.py`` adds them to the op count).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+LAUNCHES = [0]
+
+
+def triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(device: torch.device) -> bool:
+    """Whether Triton kernels can run on tensors of ``device``."""
+    if triton_version() is None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+def check_backend(backend, where: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"{where}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "triton" and triton_version() is None:
+        raise ValueError(f"{where}: backend='triton' needs the triton package (pip install triton)")
+
+
+def use_triton(backend: str, device: torch.device) -> bool:
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return device.type == "cuda" and triton_version() is not None
+    if not available(device):
+        raise RuntimeError(f"backend='triton' cannot run on {device} tensors: Triton needs a CUDA "
+                           "device, or TRITON_INTERPRET=1 for its CPU interpreter")
+    return True
