@@ -26,7 +26,11 @@ import time
 
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
+
+if not torch.cuda.is_available():  # Triton reads this once, at import: set before anything imports it
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # (only the op counts run the kernels on CPU)
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 import ramda_ds.groups as groups_mod
 from ramda_ds import kernels
@@ -70,27 +74,39 @@ def time_steps(model, opt, grads, steps, device, warmup=2):
     return statistics.median(times), (statistics.mean(passes) if passes else None)
 
 
+_NO_KERNEL = {"empty", "empty_like", "empty_strided", "detach", "alias", "lift_fresh",
+              "_local_scalar_dense", "set_", "resize_"}
+
+
 class OpCounter(TorchDispatchMode):
+    """Counts aten ops that launch a kernel on CUDA: not views, allocations or metadata, and not
+    ops on 0-d CPU tensors only (the step/α counters stay on the CPU under CUDA too)."""
+
     def __init__(self):
         super().__init__()
         self.ops = 0
+        self.all = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        self.all += 1
+        tensors = [t for t in pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+        scalar_only = all(t.dim() == 0 and t.device.type == "cpu" for t in tensors)
+        if not (func.is_view or func.__name__.split(".")[0] in _NO_KERNEL or scalar_only):
+            self.ops += 1
+        return out
 
 
 def count_ops(make, blocks, d, lam, device):
-    """Ops of one step (the third) of ``make(model)`` on a ``blocks``-block stack of width d."""
+    """Ops of one step (the second) of ``make(model)`` on a ``blocks``-block stack of width d."""
     torch.manual_seed(0)
     model = transformer_like(blocks, d, device)
     grads = [(torch.randn_like(p) * 1e-2, 1e-2) for p in model.parameters()]
     opt = make(model, lam)
     params = list(model.parameters())
-    for i in range(2):
-        set_grads(params, grads, i, device)
-        opt.step()
-    set_grads(params, grads, 2, device)
+    set_grads(params, grads, 0, device)
+    opt.step()  # creates the state
+    set_grads(params, grads, 1, device)
     numpy_sums = [0]
     inner = groups_mod.group_sums
 
@@ -100,12 +116,24 @@ def count_ops(make, blocks, d, lam, device):
         return inner(v)
     groups_mod.group_sums = counted
     launches0 = kernels.LAUNCHES[0]
+    launch = None
+    if kernels.triton_version() and (device.type == "cuda" or kernels.interpreting()):
+        import ramda_ds.kernels.exact as kx
+
+        launch = kx._launch
+
+        def quiet(*a, **k):  # the interpreter's own tensor copies are not the step's ops
+            with _disable_current_modes():
+                launch(*a, **k)
+        kx._launch = quiet
     try:
         with OpCounter() as c:
             opt.step()
     finally:
         groups_mod.group_sums = inner
-    return c.ops + numpy_sums[0] + kernels.LAUNCHES[0] - launches0
+        if launch is not None:
+            kx._launch = launch
+    return c.ops + numpy_sums[0] + kernels.LAUNCHES[0] - launches0, c.all
 
 
 def main():
@@ -123,6 +151,7 @@ def main():
     base = transformer_like(args.blocks, args.d_model, device)
     n = sum(p.numel() for p in base.parameters())
     grads = [(torch.randn_like(p) * 1e-2, 1e-2) for p in base.parameters()]
+    print(flush=True)
     print(f"{n / 1e6:.1f}M parameters ({args.blocks} blocks, d={args.d_model}) on {device}, "
           f"{torch.get_num_threads()} threads, triton: {kernels.triton_version() or 'not installed'}")
 
@@ -146,7 +175,7 @@ def main():
         "RMDA": lambda m, lam: RMDA(reg(m, lam), lr=1e-1),
         "ProxSGD": lambda m, lam: ProxSGD(reg(m, lam), lr=1e-1),
     }
-    if kernels.available(device):
+    if device.type == "cuda" and kernels.available(device):
         configs["RAMDA+exact triton"] = lambda m, lam: RAMDA(reg(m, lam), lr=1e-2, solver="exact",
                                                              backend="triton")
     results = {}
@@ -169,22 +198,22 @@ def main():
 
     counts = {}
     if not args.no_count:
-        print(f"\nops per step (aten ops + numpy group reductions + Triton launches), d={args.count_d}")
+        print(f"\nops per step, d={args.count_d}: kernel-launching aten ops + numpy group reductions "
+              "+ Triton launches (all aten ops incl. views, allocations, 0-d counters)")
         paths = [("torch", {})]
         if kernels.triton_version():
             paths.append(("triton", dict(backend="triton")))
         for path, kw in paths:
-            if path == "triton" and device.type == "cpu":
-                os.environ["TRITON_INTERPRET"] = "1"  # the interpreter runs the kernels on CPU
             for name in ("AdamW(foreach)", "RAMDA+PG", "RAMDA+exact", "RAMDA+exact warm"):
                 if name.startswith("AdamW") and path != "torch":
                     continue
                 make = configs[name]
                 mk = (lambda m, lam, _mk=make, _kw=kw: _with(_mk(m, lam), _kw)) if kw else make
-                c8, c32 = (count_ops(mk, b, args.count_d, args.lam, device) for b in (8, 32))
+                (c8, a8), (c32, a32) = (count_ops(mk, b, args.count_d, args.lam, device)
+                                        for b in (8, 32))
                 counts[(path, name)] = c32 / c8
-                print(f"  {path:6s} {name:18s} 8 blocks {c8:7d}   32 blocks {c32:7d}   "
-                      f"growth {c32 / c8:.2f}x")
+                print(f"  {path:6s} {name:18s} 8 blocks {c8:6d} ({a8:6d})   32 blocks {c32:6d} "
+                      f"({a32:6d})   growth {c32 / c8:.2f}x")
 
     print("\ntargets (issue 9, same run):")
     for name, limit in (("RAMDA+exact", 3.0), ("RAMDA+exact warm", 3.0), ("RAMDA+PG", 8.0)):

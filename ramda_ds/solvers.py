@@ -175,8 +175,7 @@ def solve_pg(probs: list[Subproblem], comm: Reducer = LOCAL, max_iters: int = 10
         for i in live:
             p, s = probs[i], S[i]
             Y = torch.addcmul(s["B"], s["A"], p.z, out=s["Y"])  # Y = Z − η(PZ − b)
-            PY = p.P * Y
-            sums.append([p.groups.sum(Y * Y), p.groups.sum(PY.mul_(Y)), p.groups.sum(p.b * Y)])
+            sums.append([p.groups.dot(Y, Y), p.groups.dot(p.P, Y, Y), p.groups.dot(p.b, Y)])
         sums, prev_vals = _combine(comm, [probs[i] for i in live], sums, pending)
         if pending is not None:  # decide on iterate j−1 now that its Q is complete
             _decide(S, live, torch.stack(prev_vals).tolist(), j - 1, rtol, residual_tol)

@@ -119,3 +119,20 @@ def test_warm_start_through_the_optimizer_stays_on_the_cold_trajectory():
 def test_warm_start_must_be_a_bool():
     with pytest.raises(ValueError, match="warm_start"):
         RAMDA([torch.nn.Parameter(torch.zeros(2, 2))], solver="exact", warm_start="yes")
+
+
+def test_group_dot_equals_the_float64_sum_of_products_on_every_cut():
+    lay = layout_for((13, 17, 3), "input")
+    g = torch.Generator().manual_seed(4)
+    x, y, z = (torch.randn(lay.numel, generator=g) for _ in range(3))
+    want = (x.double() * y.double() * z.double()).view(13, 17, 3).sum(dim=(0, 2))
+    for lo, hi in [(0, lay.numel), (5, 400), (51, 52), (100, lay.numel)]:
+        seg = SegmentGroups(lay, lo, hi)
+        got = seg.dot(x[lo:hi], y[lo:hi], z[lo:hi])
+        part = (x[lo:hi].double() * y[lo:hi].double() * z[lo:hi].double())
+        ref = torch.zeros(17, dtype=torch.float64)
+        idx = (torch.arange(lo, hi) // 3) % 17
+        ref.index_add_(0, idx, part)
+        torch.testing.assert_close(got, ref[seg.group_lo:seg.group_lo + seg.num_groups],
+                                   rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(SegmentGroups(lay).dot(x, y, z), want, rtol=1e-12, atol=1e-12)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are defined
+os.environ.setdefault("TRITON_INTERPRET", "1")  # (conftest.py sets it before anything imports triton)
 pytest.importorskip("triton")
 
 from ramda_ds import kernels  # noqa: E402

@@ -27,10 +27,12 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCHES
+from . import LAUNCHES, interpreting
 from ..solvers import SolverStats
 
-BA, BC = 32, 32  # tile: BA rows (or inner elements) × BC groups
+# tile: BA rows (or inner elements) × BC groups; the interpreter runs a program's loop in Python,
+# so it gets bigger tiles (fewer iterations)
+BA, BC = (128, 64) if interpreting() else (32, 32)
 _B1 = 709958130.0
 F64 = torch.float64
 
