@@ -78,3 +78,11 @@ def test_auto_never_picks_triton_for_cpu_tensors_and_triton_needs_a_runnable_dev
 def test_bad_backend_is_refused():
     with pytest.raises(ValueError, match="backend"):
         RAMDA([nn.Parameter(torch.zeros(2, 2))], backend="cuda")
+
+
+def test_self_test_passes_on_the_interpreter():
+    from ramda_ds.kernels.exact import self_test
+
+    before = kernels.LAUNCHES[0]
+    assert self_test(torch.device("cpu"))
+    assert kernels.LAUNCHES[0] > before

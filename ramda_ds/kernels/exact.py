@@ -15,8 +15,8 @@ Sums accumulate in float64.  The ∛ is the bit-seed + Halley + Newton of
 :mod:`ramda_ds.cube_root`.  Results equal the torch path to float32 rounding (summation order and
 FMA contraction differ), not bitwise; the tests compare them under ``TRITON_INTERPRET=1``.
 
-Applies to unsharded float32 tensors whose regularized segment is the whole tensor; anything
-else (sharded views, other dtypes, unregularized tensors in the group) takes the torch path.
+Applies to unsharded float32 tensors that are regularized whole or not at all (then τ = 0 and
+``Ŵ = b/P = W0 − V/P``); anything else (sharded views, other dtypes) takes the torch path.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from . import LAUNCHES, interpreting
+from ..groups import GroupLayout
 from ..solvers import SolverStats
 
 # tile: BA rows (or inner elements) × BC groups; the interpreter runs a program's loop in Python,
@@ -175,13 +176,16 @@ def ramda_exact_step(opt, group, present, max_iters: int = 50) -> bool:
     todo = []
     for k, p, w, g in opt._params(group, present):  # check everything before changing anything
         segs = opt._segments(group, p, k)
+        reg = [s for s in segs if is_regularized(group, s)]
+        whole = (len(segs) == 1 and segs[0].span is None and segs[0].lo == 0
+                 and segs[0].hi == w.numel())
         if (p.dtype != torch.float32 or not w.is_contiguous() or w.data_ptr() != p.data_ptr()
-                or len(segs) != 1 or segs[0].span is not None or segs[0].lo != 0
-                or segs[0].hi != w.numel() or not is_regularized(group, segs[0])
-                or segs[0].groups.group_lo != 0 or len(segs[0].groups.pieces) != 1):
+                or g.dtype != torch.float32 or not (whole or not reg)
+                or (reg and (reg[0].groups.group_lo != 0 or len(reg[0].groups.pieces) != 1))):
             opt._writeback.clear()
             return False
-        todo.append((p, w, g.contiguous(), segs[0]))
+        # unregularized: one pseudo-group with τ = 0, μ = 0, so Ŵ = b/P = W0 − V/P
+        todo.append((p, w, g.contiguous(), reg[0] if reg else None))
     if not todo:
         return True
     dev = todo[0][1].device
@@ -193,14 +197,14 @@ def ramda_exact_step(opt, group, present, max_iters: int = 50) -> bool:
         st["alpha"] += s
         P, b = torch.empty_like(w), torch.empty_like(w)
         z = torch.empty_like(w)
-        lay = seg.groups.layout
+        lay = seg.groups.layout if seg is not None else GroupLayout(1, 1, w.numel())
         ptrs.append([g.data_ptr(), st["grad_sum"].data_ptr(), st["grad_sq_sum"].data_ptr(),
                      st["initial"].data_ptr(), P.data_ptr(), b.data_ptr(), w.data_ptr(),
                      z.data_ptr()])
         geom.append(list(_geom(lay)) + [goff])
         scal.append([s, opt._decayed(group, "eps", stage), opt._c(group, stage, i), 0.0])
-        taus.append(group_tau(group, seg, st["alpha"].item()))
-        stats_meta.append((p, w, st, z, seg, (P, b, g)))  # keep the buffers alive
+        taus.append(group_tau(group, seg, st["alpha"].item()) if seg is not None else 0.0)
+        stats_meta.append((p, w, st, z, seg, lay, (P, b, g)))  # keep the buffers alive
         goff += lay.groups
     T, G = len(todo), goff
     ptrs = torch.tensor(ptrs, dtype=torch.int64, device=dev)
@@ -208,15 +212,14 @@ def ramda_exact_step(opt, group, present, max_iters: int = 50) -> bool:
     scal = torch.tensor(scal, dtype=torch.float32, device=dev)
     grid = (T, max(triton.cdiv(gm[2], BC) for gm in geom.tolist()))
     tid = torch.repeat_interleave(torch.arange(T, device=dev),
-                                  torch.tensor([m[4].groups.layout.groups for m in stats_meta],
-                                               device=dev))
+                                  torch.tensor([m[5].groups for m in stats_meta], device=dev))
     tau_t = torch.tensor(taus, dtype=F64, device=dev)
     tau = tau_t[tid]
     bb, pmax, pmin = (torch.empty(G, dtype=F64, device=dev), torch.empty(G, device=dev),
                       torch.empty(G, device=dev))
     _launch(_stage, grid, ptrs, geom, scal, bb, pmax, pmin)
     nrm = bb.sqrt()
-    act = nrm > tau
+    act = (nrm > tau) | (tau == 0)  # τ = 0 (unregularized): every group survives, μ = 0
     excess = (nrm - tau).clamp_min(1e-300)
     lo = torch.where(act, tau * pmin.to(F64) / excess, 0.0)
     hi = torch.where(act, tau * pmax.to(F64) / excess, 0.0)
@@ -246,11 +249,34 @@ def ramda_exact_step(opt, group, present, max_iters: int = 50) -> bool:
         live_t = torch.tensor([cv is None for cv in conv_at], device=dev)
     _launch(_finish, grid, ptrs, geom, scal, mu, act.to(torch.float32))
     n_act = torch.zeros(T, dtype=F64, device=dev).index_add_(0, tid, act.to(F64)).tolist()
-    for j, (p, w, st, z, seg, _) in enumerate(stats_meta):
-        n = seg.groups.layout.groups
-        opt.last_stats[seg.name] = SolverStats(conv_at[j] if conv_at[j] is not None else max_iters,
-                                               round(n_act[j]), n - round(n_act[j]), 0.0, math.nan)
+    for j, (p, w, st, z, seg, lay, _) in enumerate(stats_meta):
+        n = lay.groups
+        if seg is not None:
+            opt.last_stats[seg.name] = SolverStats(conv_at[j] if conv_at[j] is not None else max_iters,
+                                                   round(n_act[j]), n - round(n_act[j]), 0.0,
+                                                   math.nan)
         if group["keep_structured"]:
             opt.state[p]["structured"] = opt.view.wrap_state(p, z)
         opt._maybe_restart(group, st, w)
     return True
+
+
+def self_test(device) -> bool:
+    """Two RAMDA+exact steps of a tiny model with backend ``"triton"`` and ``"torch"`` on
+    ``device``; True when the kernels ran and the weights agree to 1e-5."""
+    from ..optim import RAMDA
+    from ..param_groups import build_param_groups
+
+    nets = []
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(16, 24).to(device)
+        opt = RAMDA(build_param_groups(net, "group_lasso", lam=1e-2), lr=0.05, solver="exact",
+                    backend=backend)
+        g = torch.Generator(device="cpu").manual_seed(1)
+        for _ in range(2):
+            net.weight.grad = torch.randn(24, 16, generator=g).to(device)
+            net.bias.grad = torch.randn(24, generator=g).to(device)
+            opt.step()
+        nets.append(net.weight.detach().cpu())
+    return bool(torch.allclose(nets[0], nets[1], rtol=1e-5, atol=1e-6))

@@ -90,7 +90,9 @@ class RAMDA(StructuredOptimizer):
 
     def _triton_step(self, group, present) -> bool:
         """The fused Triton step (:mod:`ramda_ds.kernels.exact`) where it applies, else False."""
-        if group["solver"] != "exact" or self.view.comm.world_size > 1 or not group["params"]:
+        unregularized = group["lam"] == 0 or group["regularizer"] is None
+        if (group["solver"] != "exact" and not unregularized) or self.view.comm.world_size > 1 \
+                or group["regularizer"] in ("l1", "nuclear") or not group["params"]:
             return False
         if not kernels.use_triton(group["backend"], group["params"][0].device):
             return False
