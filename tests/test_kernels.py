@@ -31,11 +31,11 @@ class Net(nn.Module):
         return self.rows(torch.tanh(self.fc(h)))
 
 
-def run(backend, steps=6):
+def run(backend, steps=6, warm_start=False):
     net = Net()
     groups = build_param_groups(net, "group_lasso", lam=1e-1, grouping={"rows.weight": "output"})
     opt = RAMDA(groups, lr=0.05, momentum=0.1, solver="exact", backend=backend,
-                keep_structured=True, milestones=(4,))
+                keep_structured=True, milestones=(4,), warm_start=warm_start)
     g = torch.Generator().manual_seed(1)
     stats = []
     for _ in range(steps):
@@ -47,13 +47,15 @@ def run(backend, steps=6):
     return net, opt, stats
 
 
-def test_triton_step_matches_the_torch_step():
+@pytest.mark.parametrize("warm_start", [False, True])
+def test_triton_step_matches_the_torch_step(warm_start):
     before = kernels.LAUNCHES[0]
-    ref_net, ref_opt, ref_stats = run("torch")
+    ref_net, ref_opt, ref_stats = run("torch", warm_start=warm_start)
     assert kernels.LAUNCHES[0] == before
-    net, opt, stats = run("triton")
+    net, opt, stats = run("triton", warm_start=warm_start)
     assert kernels.LAUNCHES[0] > before  # the kernels ran
     assert stats == ref_stats  # same screening decisions, step by step
+    assert bool(opt.__dict__.get("_warm_mu")) == warm_start  # the Triton path keeps the positions
     for (name, a), b in zip(ref_net.named_parameters(), net.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
         if name.endswith("weight"):

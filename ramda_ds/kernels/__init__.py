@@ -2,7 +2,7 @@
 
 ``backend`` (a param-group option of RAMDA): ``"torch"`` — the pure-torch reference, runs
 everywhere; ``"triton"`` — the fused kernels of :mod:`ramda_ds.kernels.exact` where they apply
-(exact solver, unsharded float32 tensors), torch elsewhere; ``"auto"`` (default) — Triton only
+(exact solver or unregularized groups, unsharded float32 tensors), torch elsewhere; ``"auto"`` (default) — Triton only
 for CUDA tensors, when ``triton`` is importable and a tiny RAMDA step run both ways on that
 device (:func:`ramda_ds.kernels.exact.self_test`, once per process) compiled and matched, so
 it never picks a path that cannot run.  On CPU
