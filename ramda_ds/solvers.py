@@ -45,6 +45,8 @@ class Subproblem:
     z: torch.Tensor  # flat local: warm start on input, solution on output (written in place)
     const: torch.Tensor | None = None  # flat local ½P∘W0² − V∘W0 (only the stop test needs it)
     span: Span | None = None
+    root_at: torch.Tensor | None = None  # exact solver warm start: per group, where μ lies in its
+    #   bracket, (μ − lo)/(hi − lo) ∈ [0, 1]; set from the solution on output (float64, local groups)
 
 
 @dataclass
@@ -108,9 +110,10 @@ def _owned(p: Subproblem, v: torch.Tensor) -> torch.Tensor:
     return v if p.span is None else v * p.span.owned.to(v.dtype)
 
 
-def _screen(comm, probs):
+def _screen(comm, probs, squares=None):
     """Group norms of b (complete over shards) and the screening mask ‖b_g‖ > τ."""
-    sq = [[p.groups.sum(p.b * p.b)] for p in probs]
+    squares = squares or [p.b * p.b for p in probs]
+    sq = [[p.groups.sum(bb)] for p, bb in zip(probs, squares)]
     sq, _ = _combine(comm, probs, sq)
     norms = [s[0].sqrt() for s in sq]
     return norms, [n > p.tau for n, p in zip(norms, probs)]
@@ -162,8 +165,7 @@ def solve_pg(probs: list[Subproblem], comm: Reducer = LOCAL, max_iters: int = 10
         for i in live:
             p, s = probs[i], S[i]
             Y = torch.addcmul(s["B"], s["A"], p.z, out=s["Y"])  # Y = Z − η(PZ − b)
-            PY = p.P * Y
-            sums.append([p.groups.sum(Y * Y), p.groups.sum(PY.mul_(Y)), p.groups.sum(p.b * Y)])
+            sums.append([p.groups.dot(Y, Y), p.groups.dot(p.P, Y, Y), p.groups.dot(p.b, Y)])
         sums, prev_vals = _combine(comm, [probs[i] for i in live], sums, pending)
         if pending is not None:  # decide on iterate j−1 now that its Q is complete
             _decide(S, live, torch.stack(prev_vals).tolist(), j - 1, rtol, residual_tol)
@@ -239,17 +241,28 @@ def solve_exact(probs: list[Subproblem], comm: Reducer = LOCAL, max_iters: int =
     mean with exponent −2 of ``P_g + μ``, hence concave, so Newton from the right of the root stays
     right of it and converges monotonically; when P is constant on a group φ is linear and one
     step is exact.
+
+    Warm start: a problem whose ``root_at`` is set starts each active group at that relative
+    position of its bracket instead of the upper end (where the root sat in the previous step's
+    bracket: it moves little between steps, while μ itself grows with α).  Concavity makes Newton
+    safe from either side of the root (a step from the left lands right of it), so the result is
+    the same root to ``tol``; only the number of passes changes.  ``root_at`` holds the solution's
+    position on return.
     """
     if tol is None:  # relative accuracy of μ‖Z‖ = τ: a few ulps of the data's precision
         tol = 8 * torch.finfo(probs[0].P.dtype).eps if probs else 0.0
-    norms, active = _screen(comm, probs)
+    squares = [p.b * p.b for p in probs]
+    norms, active = _screen(comm, probs, squares)
     pmax, pmin = _group_extremes(comm, probs, want_min=True)
     S = []
-    for p, act, nb, pM, pm in zip(probs, active, norms, pmax, pmin):
+    for p, act, nb, pM, pm, bb in zip(probs, active, norms, pmax, pmin, squares):
         excess = (nb - p.tau).clamp_min(1e-300)
         lo = torch.where(act, p.tau * pm / excess, torch.zeros_like(nb))
         hi = torch.where(act, p.tau * pM / excess, torch.zeros_like(nb))
-        S.append(dict(mu=hi.clone(), lo=lo, hi=hi, bb=p.b * p.b, act=act, conv_at=None))
+        mu = hi.clone()
+        if p.root_at is not None and p.root_at.shape == hi.shape:  # warm start inside the bracket
+            mu = torch.lerp(lo, hi, p.root_at.to(hi.dtype).clamp(0.0, 1.0))
+        S.append(dict(mu=mu, lo=lo, hi=hi, lo0=lo, hi0=hi, bb=bb, act=act, conv_at=None))
     newton = [i for i, p in enumerate(probs) if p.tau > 0]  # τ = 0: μ = 0, Z = b/P
     delayed = comm.world_size > 1
     pending, iters = None, 0
@@ -289,6 +302,7 @@ def solve_exact(probs: list[Subproblem], comm: Reducer = LOCAL, max_iters: int =
             pending = unconverged or None
     stats = []
     for p, s in zip(probs, S):
+        p.root_at = ((s["mu"] - s["lo0"]) / (s["hi0"] - s["lo0"])).nan_to_num_(1.0, 1.0, 1.0)
         d = p.groups.add(p.P, s["mu"])
         torch.div(p.b, d, out=p.z)
         p.groups.mul(p.z, s["act"].to(F64), out=p.z)

@@ -50,6 +50,7 @@ class StructuredOptimizer(torch.optim.Optimizer):
         self.view = view if view is not None else Unsharded()
         self.last_stats: dict[str, SolverStats] = {}
         self._writeback: list = []  # (local param, flat copy) of non-contiguous params this group
+        self._warm_roots: dict = {}  # exact solver, warm_start: root positions by segment
         super().__init__(params, defaults)  # validates every group (add_param_group)
         self.register_load_state_dict_pre_hook(_keep_state_dtypes)
         self.register_load_state_dict_post_hook(_unwrap_state)
@@ -78,6 +79,8 @@ class StructuredOptimizer(torch.optim.Optimizer):
             _check(isinstance(g["max_iters"], int) and g["max_iters"] >= 1,
                    f"{where}: max_iters must be an int >= 1, got {g['max_iters']!r}")
             _check(0 <= g["rtol"] < 1, f"{where}: rtol must be in [0, 1), got {g['rtol']!r}")
+            _check(isinstance(g.get("warm_start", False), bool),
+                   f"{where}: warm_start must be True or False, got {g.get('warm_start')!r}")
             e = g.get("inexact_eps0")
             _check(e is None or e > 0, f"{where}: inexact_eps0 must be None or > 0, got {e!r}")
         if g["regularizer"] == "nuclear":
@@ -271,7 +274,14 @@ class StructuredOptimizer(torch.optim.Optimizer):
         for comm, batch in batches.values():
             probs = [prob for _, prob, _ in batch]
             if group.get("solver", "pg") == "exact":
+                # warm_start: each group's root position from its previous solve (kept per group
+                # in memory, not checkpointed: a resumed run matches to float precision)
+                warm = self._warm_roots if group.get("warm_start") else None
+                for seg, pr, _ in batch if warm is not None else ():
+                    pr.root_at = warm.get((seg.name, seg.lo, seg.hi))
                 stats = solve_exact(probs, comm)
+                for seg, pr, _ in batch if warm is not None else ():
+                    warm[(seg.name, seg.lo, seg.hi)] = pr.root_at
             else:
                 eps0 = group.get("inexact_eps0")
                 tol = None if eps0 is None else [eps0 / step for _, _, step in batch]

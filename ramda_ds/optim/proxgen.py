@@ -23,7 +23,8 @@ class ProxGen(StructuredOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  regularizer=None, lam=0.0, grouping="input", solver="pg", max_iters=100,
-                 rtol=1e-8, inexact_eps0=None, milestones=(), gamma=0.1, view=None):
+                 rtol=1e-8, inexact_eps0=None, milestones=(), gamma=0.1, view=None,
+                 warm_start=False):
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"betas must be in [0, 1), got {betas!r}")
         if weight_decay < 0:
@@ -32,7 +33,7 @@ class ProxGen(StructuredOptimizer):
                                       regularizer=regularizer, lam=lam, grouping=grouping,
                                       solver=solver, max_iters=max_iters, rtol=rtol,
                                       inexact_eps0=inexact_eps0, milestones=milestones, gamma=gamma,
-                                      final_stage_ramp=False), view)
+                                      final_stage_ramp=False, warm_start=warm_start), view)
 
     def init_state(self, w, dtype):
         return dict(exp_avg=torch.zeros_like(w, dtype=dtype), exp_avg_sq=torch.zeros_like(w, dtype=dtype))
@@ -59,7 +60,8 @@ class ProxGen(StructuredOptimizer):
                     continue
                 r = slice(seg.lo, seg.hi)
                 z[r] = wf[r]  # warm start at W
-                const = (0.5 * D[r] * wf[r] - am[r]).mul_(wf[r])
+                const = None if group["solver"] == "exact" else \
+                    (0.5 * D[r] * wf[r] - am[r]).mul_(wf[r])  # only PG's stop test reads it
                 items.append((seg, Subproblem(seg.groups, D[r], D[r] * wf[r] - am[r],
                                               group_tau(group, seg, lr), z[r], const, seg.span),
                               int(t)))

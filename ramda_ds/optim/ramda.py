@@ -6,28 +6,10 @@ import math
 
 import torch
 
+from .. import kernels
 from ..solvers import Subproblem
+from ..stages import dual_averaging_stage
 from .base import StructuredOptimizer, averaging_weight, group_tau, is_regularized
-
-
-_CHUNK = 1 << 16
-
-
-def cube_root(U: torch.Tensor) -> torch.Tensor:
-    """∛U, the same for an element wherever it sits in a tensor.
-
-    CPU kernels compute ``pow`` with SIMD code for the body of a loop and scalar code for its
-    tails, which differ in the last ulp; a parameter's elements fall in different tails unsharded
-    and sharded, so the float32 results would differ.  On CPU we take the float64 cube root
-    (whose rounding to float32 hides that ulp) in cache-sized chunks; GPU ``pow`` is already
-    per-element.
-    """
-    if U.device.type != "cpu" or U.dtype != torch.float32:
-        return U.pow(1 / 3)
-    out = torch.empty_like(U)
-    for i in range(0, U.numel(), _CHUNK):
-        out[i:i + _CHUNK].copy_(U[i:i + _CHUNK].double().pow_(1 / 3))
-    return out
 
 
 class RAMDA(StructuredOptimizer):
@@ -49,7 +31,14 @@ class RAMDA(StructuredOptimizer):
     ``lam`` / ``grouping`` (ψ), ``solver`` (``"pg"`` or ``"exact"``), ``max_iters``, ``rtol``
     (PG early stop), ``inexact_eps0`` (stop PG on condition (7) with ``ε_t = inexact_eps0/t``
     instead), ``milestones`` / ``gamma`` / ``final_stage_ramp`` (restarts), ``keep_structured``
-    (keep Ŵ of the last step in ``state[p]["structured"]``, 4 more bytes/parameter).
+    (keep Ŵ of the last step in ``state[p]["structured"]``, 4 more bytes/parameter),
+    ``warm_start`` (exact solver: start each group's Newton iteration at its previous μ; same
+    root to fp32 precision, fewer passes; the μ are not checkpointed, so a resumed run's first
+    step starts cold and differs from the uninterrupted one within that precision),
+    ``backend`` (``"torch"``, the default: the reference, bitwise equal across every sharding
+    backend; ``"triton"`` / ``"auto"`` (Triton on CUDA when it compiles and matches): one launch
+    per pass for all tensors of a group, equal to the torch path within float32 rounding; see
+    :mod:`ramda_ds.kernels`).
     """
 
     restart_zero = ("grad_sum", "grad_sq_sum", "alpha")
@@ -58,13 +47,16 @@ class RAMDA(StructuredOptimizer):
     def __init__(self, params, lr=1e-2, c=None, eps=1e-6, regularizer=None, lam=0.0,
                  grouping="input", solver="pg", max_iters=100, rtol=1e-8, inexact_eps0=None,
                  milestones=(), gamma=0.1, final_stage_ramp=True, keep_structured=False, view=None,
-                 momentum=None):
+                 momentum=None, warm_start=False, backend="torch"):
         super().__init__(params, dict(lr=lr, c=averaging_weight(c, momentum), eps=eps,
                                       regularizer=regularizer,
                                       lam=lam, grouping=grouping, solver=solver, max_iters=max_iters,
                                       rtol=rtol, inexact_eps0=inexact_eps0, milestones=milestones,
                                       gamma=gamma, final_stage_ramp=final_stage_ramp,
-                                      keep_structured=keep_structured), view)
+                                      keep_structured=keep_structured,
+                                      warm_start=warm_start, backend=backend), view)
+        for i, g in enumerate(self.param_groups):
+            kernels.check_backend(g["backend"], f"param_groups[{i}]")
 
     def init_state(self, w, dtype):
         return dict(alpha=torch.zeros((), dtype=torch.float64),
@@ -72,26 +64,26 @@ class RAMDA(StructuredOptimizer):
                     grad_sq_sum=torch.zeros_like(w, dtype=dtype), initial=w.to(dtype, copy=True))
 
     def _update_group(self, group, present):
+        if self._triton_step(group, present):
+            return
         items, updates = [], []
         for k, p, w, g in self._params(group, present):
             st = self.local_state(p, w)
             stage, i = self._advance(group, st)
             s = self._decayed(group, "lr", stage) * math.sqrt(i)  # s_t = lr·√t
             st["alpha"] += s
+            segs = [seg for seg in self._segments(group, p, k) if is_regularized(group, seg)]
+            pg = group["solver"] != "exact"
             V, U, W0 = st["grad_sum"], st["grad_sq_sum"], st["initial"]
-            V.add_(g, alpha=s)
-            U.addcmul_(g, g, value=s)
-            P = cube_root(U).add_(self._decayed(group, "eps", stage))
-            w_hat = torch.addcdiv(W0, V, P, value=-1)  # unregularized solution W0 − V/P
-            for seg in self._segments(group, p, k):
-                if not is_regularized(group, seg):
-                    continue
+            # V += s·G, U += s·G², P = ∛U + ε, b = P∘W0 − V, const = (½P∘W0 − V)∘W0 (PG's Q only)
+            P, b, const = dual_averaging_stage(g, V, U, W0, s, self._decayed(group, "eps", stage),
+                                               want_const=pg and bool(segs))
+            w_hat = _start_point(w, W0, V, P, segs, warm=pg)  # W0 − V/P off the regularized ranges
+            for seg in segs:
                 r = slice(seg.lo, seg.hi)
-                w_hat[r] = w[r]  # warm start at W_{t−1}
                 tau = group_tau(group, seg, st["alpha"].item())
-                const = (0.5 * P[r] * W0[r] - V[r]).mul_(W0[r])
-                items.append((seg, Subproblem(seg.groups, P[r], P[r] * W0[r] - V[r], tau, w_hat[r],
-                                              const, seg.span), i))
+                items.append((seg, Subproblem(seg.groups, P[r], b[r], tau, w_hat[r],
+                                              None if const is None else const[r], seg.span), i))
             updates.append((p, w, st, w_hat, self._c(group, stage, i)))
         self._solve(group, items)
         for p, w, st, w_hat, c in updates:
@@ -99,3 +91,26 @@ class RAMDA(StructuredOptimizer):
             if group["keep_structured"]:
                 self.state[p]["structured"] = self.view.wrap_state(p, w_hat)
             self._maybe_restart(group, st, w)
+
+    def _triton_step(self, group, present) -> bool:
+        """The fused Triton step (:mod:`ramda_ds.kernels.exact`) where it applies, else False."""
+        unregularized = group["lam"] == 0 or group["regularizer"] is None
+        if (group["solver"] != "exact" and not unregularized) or self.view.comm.world_size > 1 \
+                or group["regularizer"] in ("l1", "nuclear") or not group["params"]:
+            return False
+        if not kernels.use_triton(group["backend"], group["params"][0].device):
+            return False
+        from ..kernels.exact import ramda_exact_step
+        return ramda_exact_step(self, group, present)
+
+
+def _start_point(w, W0, V, P, segs, warm: bool) -> torch.Tensor:
+    """Ŵ before the solve: the unregularized solution ``W0 − V/P`` outside the regularized
+    segments and the solver's start inside them (PG: warm start at W_{t−1}; the exact solver
+    needs none).  A tensor that is regularized everywhere skips the division."""
+    if sum(seg.hi - seg.lo for seg in segs) == V.numel():  # segments are disjoint
+        return w.to(V.dtype, copy=True) if warm else torch.empty_like(V)
+    w_hat = torch.addcdiv(W0, V, P, value=-1)
+    for seg in segs if warm else ():
+        w_hat[seg.lo:seg.hi] = w[seg.lo:seg.hi]
+    return w_hat

@@ -1,0 +1,296 @@
+r"""RAMDA + exact solver as a few Triton launches for all tensors of a param group.
+
+A per-step table lists every tensor (pointers to g, V, U, W0, P, b, W, Ŵ; its ``[R, C, K]``
+geometry; s, ε, c, τ).  Every kernel runs on a grid ``(tensor, block of BC groups)`` over the
+whole table, so a step costs the same number of launches for 8 or 80 layers:
+
+1. ``_stage``: ``V += s·g; U += s·g²; P = ∛U + ε; b = P∘W0 − V`` (stored) and per group
+   ``Σb², max P, min P`` (screening and the Newton bracket);
+2. ``_newton``: per group ``Σ b²/(P+μ)², Σ b²/(P+μ)³`` at the current μ (one launch per pass);
+3. ``_finish``: ``Ŵ = b/(P+μ)`` on surviving groups (0 elsewhere), ``W ← W + c(Ŵ − W)``.
+
+Between launches the per-group Newton update runs as torch ops on the concatenation of all
+tensors' group vectors (the same safeguarded Newton as :func:`ramda_ds.solvers.solve_exact`).
+Sums accumulate in float64.  The ∛ is the bit-seed + Halley + Newton of
+:mod:`ramda_ds.cube_root`.  Results equal the torch path to float32 rounding (summation order and
+FMA contraction differ), not bitwise; the tests compare them under ``TRITON_INTERPRET=1``.
+
+Applies to unsharded float32 tensors that are regularized whole or not at all (then τ = 0 and
+``Ŵ = b/P = W0 − V/P``); anything else (sharded views, other dtypes) takes the torch path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import LAUNCHES, interpreting
+from ..groups import GroupLayout
+from ..solvers import SolverStats
+
+# tile: BA rows (or inner elements) × BC groups; the interpreter runs a program's loop in Python,
+# so it gets bigger tiles (fewer iterations)
+BA, BC = (128, 64) if interpreting() else (32, 32)
+_B1 = 709958130.0
+F64 = torch.float64
+
+
+@triton.jit
+def _cbrt(x):
+    """∛x, x ≥ 0 (seed from the bits, one Halley and one Newton step; see ramda_ds.cube_root)."""
+    t = x.to(tl.int32, bitcast=True).to(tl.float32) * (1.0 / 3.0) + 709958130.0
+    y = t.to(tl.int32).to(tl.float32, bitcast=True)
+    r = x / (y * y) / y
+    y = y + (r - 1.0) / (r + 2.0) * y
+    r = x / (y * y) / y
+    y = y + (r - 1.0) * (1.0 / 3.0) * y
+    return tl.where(x > 0, y, x)
+
+
+@triton.jit
+def _geometry(geom, t, cb, BC: tl.constexpr):
+    na = tl.load(geom + t * 7 + 0)
+    sa = tl.load(geom + t * 7 + 1)
+    nc = tl.load(geom + t * 7 + 2)
+    sc = tl.load(geom + t * 7 + 3)
+    nb = tl.load(geom + t * 7 + 4)
+    sb = tl.load(geom + t * 7 + 5)
+    g0 = tl.load(geom + t * 7 + 6)
+    c = cb * BC + tl.arange(0, BC)
+    return na, sa, nc, sc, nb, sb, g0, c
+
+
+@triton.jit
+def _ptr(ptrs, t, k):
+    return tl.load(ptrs + t * 8 + k).to(tl.pointer_type(tl.float32))
+
+
+@triton.jit
+def _stage(ptrs, geom, scal, bb_out, pmax_out, pmin_out, BA: tl.constexpr, BC: tl.constexpr):
+    t = tl.program_id(0)
+    cb = tl.program_id(1)
+    na, sa, nc, sc, nb, sb, g0, c = _geometry(geom, t, cb, BC)
+    if cb * BC < nc:
+        gp, Vp, Up, W0p, Pp, bp = (_ptr(ptrs, t, 0), _ptr(ptrs, t, 1), _ptr(ptrs, t, 2),
+                                   _ptr(ptrs, t, 3), _ptr(ptrs, t, 4), _ptr(ptrs, t, 5))
+        s = tl.load(scal + t * 4 + 0)
+        eps = tl.load(scal + t * 4 + 1)
+        cm = c < nc
+        acc = tl.zeros((BC,), dtype=tl.float64)
+        pmax = tl.full((BC,), float("-inf"), tl.float32)
+        pmin = tl.full((BC,), float("inf"), tl.float32)
+        for bi in range(0, nb):
+            for a0 in range(0, na, BA):
+                a = a0 + tl.arange(0, BA)
+                m = (a[:, None] < na) & cm[None, :]
+                off = bi * sb + a[:, None] * sa + c[None, :] * sc
+                g = tl.load(gp + off, mask=m, other=0.0)
+                V = tl.load(Vp + off, mask=m, other=0.0) + s * g
+                U = tl.load(Up + off, mask=m, other=0.0) + s * g * g
+                P = _cbrt(U) + eps
+                b = P * tl.load(W0p + off, mask=m, other=0.0) - V
+                tl.store(Vp + off, V, mask=m)
+                tl.store(Up + off, U, mask=m)
+                tl.store(Pp + off, P, mask=m)
+                tl.store(bp + off, b, mask=m)
+                acc += tl.sum((b * b).to(tl.float64), axis=0)
+                pmax = tl.maximum(pmax, tl.max(tl.where(m, P, float("-inf")), axis=0))
+                pmin = tl.minimum(pmin, tl.min(tl.where(m, P, float("inf")), axis=0))
+        tl.store(bb_out + g0 + c, acc, mask=cm)
+        tl.store(pmax_out + g0 + c, pmax, mask=cm)
+        tl.store(pmin_out + g0 + c, pmin, mask=cm)
+
+
+@triton.jit
+def _newton(ptrs, geom, mu, z2_out, z3_out, BA: tl.constexpr, BC: tl.constexpr):
+    t = tl.program_id(0)
+    cb = tl.program_id(1)
+    na, sa, nc, sc, nb, sb, g0, c = _geometry(geom, t, cb, BC)
+    if cb * BC < nc:
+        Pp, bp = _ptr(ptrs, t, 4), _ptr(ptrs, t, 5)
+        cm = c < nc
+        m_g = tl.load(mu + g0 + c, mask=cm, other=0.0).to(tl.float32)
+        acc2 = tl.zeros((BC,), dtype=tl.float64)
+        acc3 = tl.zeros((BC,), dtype=tl.float64)
+        for bi in range(0, nb):
+            for a0 in range(0, na, BA):
+                a = a0 + tl.arange(0, BA)
+                m = (a[:, None] < na) & cm[None, :]
+                off = bi * sb + a[:, None] * sa + c[None, :] * sc
+                P = tl.load(Pp + off, mask=m, other=1.0)
+                b = tl.load(bp + off, mask=m, other=0.0)
+                d = 1.0 / (P + m_g[None, :])
+                q = b * b * d * d
+                acc2 += tl.sum(q.to(tl.float64), axis=0)
+                acc3 += tl.sum((q * d).to(tl.float64), axis=0)
+        tl.store(z2_out + g0 + c, acc2, mask=cm)
+        tl.store(z3_out + g0 + c, acc3, mask=cm)
+
+
+@triton.jit
+def _finish(ptrs, geom, scal, mu, act, BA: tl.constexpr, BC: tl.constexpr):
+    t = tl.program_id(0)
+    cb = tl.program_id(1)
+    na, sa, nc, sc, nb, sb, g0, c = _geometry(geom, t, cb, BC)
+    if cb * BC < nc:
+        Pp, bp, Wp, Zp = _ptr(ptrs, t, 4), _ptr(ptrs, t, 5), _ptr(ptrs, t, 6), _ptr(ptrs, t, 7)
+        w = tl.load(scal + t * 4 + 2)  # the averaging weight c
+        cm = c < nc
+        m_g = tl.load(mu + g0 + c, mask=cm, other=0.0).to(tl.float32)
+        a_g = tl.load(act + g0 + c, mask=cm, other=0.0)
+        for bi in range(0, nb):
+            for a0 in range(0, na, BA):
+                a = a0 + tl.arange(0, BA)
+                m = (a[:, None] < na) & cm[None, :]
+                off = bi * sb + a[:, None] * sa + c[None, :] * sc
+                P = tl.load(Pp + off, mask=m, other=1.0)
+                b = tl.load(bp + off, mask=m, other=0.0)
+                z = b / (P + m_g[None, :]) * a_g[None, :]
+                W = tl.load(Wp + off, mask=m, other=0.0)
+                W = tl.where(w < 0.5, W + w * (z - W), z - (z - W) * (1.0 - w))  # torch.lerp
+                tl.store(Zp + off, z, mask=m)
+                tl.store(Wp + off, W, mask=m)
+
+
+def _geom(layout):
+    """(n_a, stride_a, n_c, stride_c, n_b, stride_b) of the [R, C, K] view: tile the two dims
+    with the most elements, loop over the third (K = 1: rows × groups; R = 1: inner × groups)."""
+    R, C, K = layout.rows, layout.groups, layout.inner
+    if K == 1 or R >= K:
+        return (R, C * K, C, K, K, 1)
+    return (K, 1, C, K, R, C * K)
+
+
+def _launch(kernel, grid, *args):
+    LAUNCHES[0] += 1
+    kernel[grid](*args, BA=BA, BC=BC)
+
+
+def ramda_exact_step(opt, group, present, max_iters: int = 50) -> bool:
+    """One RAMDA step of ``group`` with the exact solver; False (nothing done) if not eligible."""
+    from ..optim.base import group_tau, is_regularized
+
+    todo = []
+    for k, p, w, g in opt._params(group, present):  # check everything before changing anything
+        segs = opt._segments(group, p, k)
+        reg = [s for s in segs if is_regularized(group, s)]
+        whole = (len(segs) == 1 and segs[0].span is None and segs[0].lo == 0
+                 and segs[0].hi == w.numel())
+        if (p.dtype != torch.float32 or not w.is_contiguous() or w.data_ptr() != p.data_ptr()
+                or g.dtype != torch.float32 or not (whole or not reg)
+                or (reg and (reg[0].groups.group_lo != 0 or len(reg[0].groups.pieces) != 1))):
+            opt._writeback.clear()
+            return False
+        # unregularized: one pseudo-group with τ = 0, μ = 0, so Ŵ = b/P = W0 − V/P
+        todo.append((p, w, g.contiguous(), reg[0] if reg else None))
+    if not todo:
+        return True
+    dev = todo[0][1].device
+    ptrs, geom, scal, taus, stats_meta, goff = [], [], [], [], [], 0
+    for p, w, g, seg in todo:
+        st = opt.local_state(p, w)
+        stage, i = opt._advance(group, st)
+        s = opt._decayed(group, "lr", stage) * math.sqrt(i)
+        st["alpha"] += s
+        P, b = torch.empty_like(w), torch.empty_like(w)
+        z = torch.empty_like(w)
+        lay = seg.groups.layout if seg is not None else GroupLayout(1, 1, w.numel())
+        ptrs.append([g.data_ptr(), st["grad_sum"].data_ptr(), st["grad_sq_sum"].data_ptr(),
+                     st["initial"].data_ptr(), P.data_ptr(), b.data_ptr(), w.data_ptr(),
+                     z.data_ptr()])
+        geom.append(list(_geom(lay)) + [goff])
+        scal.append([s, opt._decayed(group, "eps", stage), opt._c(group, stage, i), 0.0])
+        taus.append(group_tau(group, seg, st["alpha"].item()) if seg is not None else 0.0)
+        stats_meta.append((p, w, st, z, seg, lay, (P, b, g)))  # keep the buffers alive
+        goff += lay.groups
+    T, G = len(todo), goff
+    ptrs = torch.tensor(ptrs, dtype=torch.int64, device=dev)
+    geom = torch.tensor(geom, dtype=torch.int64, device=dev)
+    scal = torch.tensor(scal, dtype=torch.float32, device=dev)
+    grid = (T, max(triton.cdiv(gm[2], BC) for gm in geom.tolist()))
+    tid = torch.repeat_interleave(torch.arange(T, device=dev),
+                                  torch.tensor([m[5].groups for m in stats_meta], device=dev))
+    tau_t = torch.tensor(taus, dtype=F64, device=dev)
+    tau = tau_t[tid]
+    bb, pmax, pmin = (torch.empty(G, dtype=F64, device=dev), torch.empty(G, device=dev),
+                      torch.empty(G, device=dev))
+    _launch(_stage, grid, ptrs, geom, scal, bb, pmax, pmin)
+    nrm = bb.sqrt()
+    act = (nrm > tau) | (tau == 0)  # τ = 0 (unregularized): every group survives, μ = 0
+    excess = (nrm - tau).clamp_min(1e-300)
+    lo = torch.where(act, tau * pmin.to(F64) / excess, 0.0)
+    hi = torch.where(act, tau * pmax.to(F64) / excess, 0.0)
+    lo0, hi0 = lo, hi
+    warm = opt.__dict__.setdefault("_warm_mu", {}) if group.get("warm_start") else None
+    keys = [(m[4].name, 0, m[1].numel()) if m[4] is not None else None for m in stats_meta]
+    if warm is not None:  # where each group's root sat in its bracket last step (1: the end)
+        pos = [warm.get(k) if k is not None else None for k in keys]
+        pos = [q if q is not None and q.numel() == m[5].groups else torch.ones(m[5].groups, device=dev, dtype=F64)
+               for q, m in zip(pos, stats_meta)]
+        mu = torch.lerp(lo, hi, torch.cat(pos).clamp(0.0, 1.0))
+    else:
+        mu = hi.clone()
+    tol = 8 * torch.finfo(torch.float32).eps
+    live_t = tau_t > 0
+    conv_at = [None if tj > 0 else 0 for tj in taus]
+    z2, z3 = torch.empty(G, dtype=F64, device=dev), torch.empty(G, dtype=F64, device=dev)
+    for it in range(1, max_iters + 1):
+        if all(cv is not None for cv in conv_at):
+            break
+        _launch(_newton, grid, ptrs, geom, mu, z2, z3)
+        zn = z2.clamp_min(1e-300).sqrt()
+        phi = 1.0 / zn - mu / tau
+        dphi = z3 / (zn * zn * zn) - 1.0 / tau
+        lo = torch.where(phi > 0, mu, lo)
+        hi = torch.where(phi <= 0, mu, hi)
+        step = mu - phi / dphi
+        inside = (step >= lo) & (step <= hi)
+        upd = act & live_t[tid]
+        bad = upd & ((mu * zn - tau).abs() > tol * tau)
+        mu = torch.where(upd, torch.where(inside, step, 0.5 * (lo + hi)), mu)
+        left = torch.zeros(T, dtype=F64, device=dev).index_add_(0, tid, bad.to(F64))
+        for j, n_bad in enumerate(left.tolist()):
+            if conv_at[j] is None and n_bad == 0:
+                conv_at[j] = it
+        live_t = torch.tensor([cv is None for cv in conv_at], device=dev)
+    _launch(_finish, grid, ptrs, geom, scal, mu, act.to(torch.float32))
+    if warm is not None:
+        pos = ((mu - lo0) / (hi0 - lo0)).nan_to_num_(1.0, 1.0, 1.0)
+        for k, part in zip(keys, pos.split([m[5].groups for m in stats_meta])):
+            if k is not None:
+                warm[k] = part
+    n_act = torch.zeros(T, dtype=F64, device=dev).index_add_(0, tid, act.to(F64)).tolist()
+    for j, (p, w, st, z, seg, lay, _) in enumerate(stats_meta):
+        n = lay.groups
+        if seg is not None:
+            opt.last_stats[seg.name] = SolverStats(conv_at[j] if conv_at[j] is not None else max_iters,
+                                                   round(n_act[j]), n - round(n_act[j]), 0.0,
+                                                   math.nan)
+        if group["keep_structured"]:
+            opt.state[p]["structured"] = opt.view.wrap_state(p, z)
+        opt._maybe_restart(group, st, w)
+    return True
+
+
+def self_test(device) -> bool:
+    """Two RAMDA+exact steps of a tiny model with backend ``"triton"`` and ``"torch"`` on
+    ``device``; True when the kernels ran and the weights agree to 1e-5."""
+    from ..optim import RAMDA
+    from ..param_groups import build_param_groups
+
+    nets = []
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(16, 24).to(device)
+        opt = RAMDA(build_param_groups(net, "group_lasso", lam=1e-2), lr=0.05, solver="exact",
+                    backend=backend)
+        g = torch.Generator(device="cpu").manual_seed(1)
+        for _ in range(2):
+            net.weight.grad = torch.randn(24, 16, generator=g).to(device)
+            net.bias.grad = torch.randn(24, generator=g).to(device)
+            opt.step()
+        nets.append(net.weight.detach().cpu())
+    return bool(torch.allclose(nets[0], nets[1], rtol=1e-5, atol=1e-6))

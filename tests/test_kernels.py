@@ -1,0 +1,90 @@
+"""The Triton step against the pure-torch reference, run by Triton's CPU interpreter."""
+
+import os
+
+import pytest
+import torch
+import torch.nn as nn
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # (conftest.py sets it before anything imports triton)
+pytest.importorskip("triton")
+
+from ramda_ds import kernels  # noqa: E402
+from ramda_ds.optim import RAMDA  # noqa: E402
+from ramda_ds.param_groups import build_param_groups  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not kernels.interpreting(), reason="needs TRITON_INTERPRET=1")
+
+
+class Net(nn.Module):
+    """One tensor per geometry the kernels tile: columns (K = 1), rows (R = 1), conv (K > 1)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(3, 5, 3)
+        self.fc = nn.Linear(20, 37)
+        self.rows = nn.Linear(37, 6)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x)).flatten(1)
+        return self.rows(torch.tanh(self.fc(h)))
+
+
+def run(backend, steps=6, warm_start=False):
+    net = Net()
+    groups = build_param_groups(net, "group_lasso", lam=1e-1, grouping={"rows.weight": "output"})
+    opt = RAMDA(groups, lr=0.05, momentum=0.1, solver="exact", backend=backend,
+                keep_structured=True, milestones=(4,), warm_start=warm_start)
+    g = torch.Generator().manual_seed(1)
+    stats = []
+    for _ in range(steps):
+        x, y = torch.randn(8, 3, 6, generator=g), torch.randn(8, 6, generator=g)
+        opt.zero_grad()
+        nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+        stats.append({k: (v.active_groups, v.screened_groups) for k, v in opt.last_stats.items()})
+    return net, opt, stats
+
+
+@pytest.mark.parametrize("warm_start", [False, True])
+def test_triton_step_matches_the_torch_step(warm_start):
+    before = kernels.LAUNCHES[0]
+    ref_net, ref_opt, ref_stats = run("torch", warm_start=warm_start)
+    assert kernels.LAUNCHES[0] == before
+    net, opt, stats = run("triton", warm_start=warm_start)
+    assert kernels.LAUNCHES[0] > before  # the kernels ran
+    assert stats == ref_stats  # same screening decisions, step by step
+    assert bool(opt.__dict__.get("_warm_mu")) == warm_start  # the Triton path keeps the positions
+    for (name, a), b in zip(ref_net.named_parameters(), net.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+        if name.endswith("weight"):
+            for key in ("grad_sum", "grad_sq_sum", "initial", "structured"):
+                torch.testing.assert_close(opt.state[b][key], ref_opt.state[a][key], rtol=1e-5,
+                                           atol=1e-6)
+            hat, ref_hat = opt.state[b]["structured"], ref_opt.state[a]["structured"]
+            assert torch.equal(hat == 0, ref_hat == 0)
+    assert any(s[1] > 0 for s in ref_stats[-1].values())  # some groups are zero
+    assert any(s[0] > 0 for s in ref_stats[-1].values())  # and some are not
+
+
+def test_auto_never_picks_triton_for_cpu_tensors_and_triton_needs_a_runnable_device(monkeypatch):
+    before = kernels.LAUNCHES[0]
+    run("auto", steps=1)
+    assert kernels.LAUNCHES[0] == before
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        run("triton", steps=1)
+
+
+def test_bad_backend_is_refused():
+    with pytest.raises(ValueError, match="backend"):
+        RAMDA([nn.Parameter(torch.zeros(2, 2))], backend="cuda")
+
+
+def test_self_test_passes_on_the_interpreter():
+    from ramda_ds.kernels.exact import self_test
+
+    before = kernels.LAUNCHES[0]
+    assert self_test(torch.device("cpu"))
+    assert kernels.LAUNCHES[0] > before
