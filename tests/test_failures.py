@@ -343,10 +343,10 @@ def test_an_infinite_perplexity_is_reported_and_not_saved(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         run_loop(tmp_path, task, eval_every=2)
     assert e.value.code == 3
-    assert "step 4: the run diverged: valid_ppl inf" in capsys.readouterr().err
+    assert "step 4: the run diverged: valid_ppl_W inf" in capsys.readouterr().err
     assert saved_steps(tmp_path) == ["step_00000001", "step_00000002", "step_00000003"]
     rows = [r for r in metrics(tmp_path) if "step" in r]
-    assert [(r["step"], r["valid_ppl"]) for r in rows] == [(2, 5.0), (4, math.inf)]
+    assert [(r["step"], r["valid_ppl_W"]) for r in rows] == [(2, 5.0), (4, math.inf)]
 
 
 def test_perplexity_overflow_is_inf_not_an_exception():

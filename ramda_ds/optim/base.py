@@ -316,15 +316,16 @@ def state_dtype(p: torch.Tensor) -> torch.dtype:
 def averaging_weight(c: float | None, momentum: float | None) -> float:
     """The paper's c from ``c=`` or the older spelling ``momentum=`` (which means c here).
 
-    ``momentum`` in [0.5, 1) is refused: in torch's and MADGRAD's convention momentum is the
+    ``momentum`` in (0.5, 1) is refused: in torch's and MADGRAD's convention momentum is the
     weight of the *old* average (0.9 there is c = 0.1 here), and such a value is almost always
-    that convention; c = 1 (no averaging) and c ≤ 0.5 are accepted under either name.
+    that convention; c = 1 (no averaging) and c ≤ 0.5 (the same under both readings at 0.5) are
+    accepted under either name.
     """
     if momentum is None:
         return 0.1 if c is None else c
     if c is not None:
         raise ValueError("pass c (the paper's averaging weight) or its old name momentum, not both")
-    if 0.5 <= momentum < 1:
+    if 0.5 < momentum < 1:
         raise ValueError(
             f"momentum={momentum} looks like torch/MADGRAD's convention (weight of the old "
             f"average); ramda_ds's averaging weight is the paper's c = weight of the NEW point, "
