@@ -41,8 +41,6 @@ import argparse
 import copy
 import json
 import math
-import os
-import sys
 import time
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -50,11 +48,10 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "launch"))
-
-from ramda_ds.comm import ProcessGroupReducer, Reducer  # noqa: E402
-from ramda_ds.sharding.base import make_segment, set_spans, span_inputs  # noqa: E402
-from ramda_ds.solvers import _combine  # noqa: E402
+from ramda_ds.comm import ProcessGroupReducer, Reducer
+from ramda_ds.layout import make_segment
+from ramda_ds.sharding.base import set_spans, span_inputs
+from ramda_ds.solvers import _combine
 
 F64 = torch.float64
 MODELS = {  # Llama-2 shapes (vocab 32000)
@@ -92,11 +89,9 @@ def param_groups(model, regularize: str, lam: float = 1e-6) -> list[dict]:
     if regularize == "linear":
         return build_param_groups(model, "group_lasso", lam=lam)
     if regularize == "finetune":
-        from finetune_llm import FinetuneArgs, unit_patterns
+        from ramda_ds.hf.units import unit_param_groups
 
-        rules = unit_patterns(model, FinetuneArgs())
-        return build_param_groups(model, "group_lasso", lam=lam, include=list(rules),
-                                  grouping=rules)
+        return unit_param_groups(model, lam)  # FFN neurons and heads, as finetune_llm.py
     raise ValueError(f"regularize must be 'finetune' or 'linear', got {regularize!r}")
 
 
@@ -393,7 +388,7 @@ def _rank_numbers(view, handed, calls, segs_of, world, k_pg, k_exact, setup):
                                   for t in (s.span.local_idx, s.span.global_pos, s.span.owned))
     for g in {id(g): g for _, g in handed}.values():
         if g["lam"] > 0 and g.get("regularizer"):
-            from ramda_ds.sharding.base import layout_of
+            from ramda_ds.layout import layout_of
 
             groups += sum(layout_of(g, shp).groups for shp in g["param_shapes"])
     per_call, nparams = [], []
