@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from ramda_ds.training.launch import (OPTIMIZERS, corpus, loop_config, make_task, read_args,
-                                      run_to_end, start, validate_common, wrap)
+from ramda_ds.training.launch import (OPTIMIZERS, corpus, loop_config, main_entry, make_task,
+                                      read_args, run_to_end, start, validate_common, wrap)
 from ramda_ds.training.run_checkpoint import KEEP_LAST
 
 LAM = 1e-4  # default λ: removes ~30% of the README tiny Llama's FFN neurons in 200 steps (README sweep)
@@ -244,4 +244,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    main_entry(main)

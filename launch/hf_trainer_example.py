@@ -23,6 +23,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, HfArgumentParser,
 
 from ramda_ds.hf import RamdaConfig, RamdaTrainer
 from ramda_ds.hf.setup import cpu_friendly, shard_fsdp2_if_needed
+from ramda_ds.training.world import exit_process
 
 
 @dataclass
@@ -51,9 +52,9 @@ def main():
                            ramda=RamdaConfig(lam=a.lam, momentum=a.momentum))
     trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
     trainer.save_model()
-    trainer.accelerator.wait_for_everyone()  # gloo aborts a process whose peer has already left
-    trainer.accelerator.end_training()
+    trainer.accelerator.wait_for_everyone()  # every rank is done before any process ends
 
 
 if __name__ == "__main__":
     main()
+    exit_process(0)  # skips the gloo teardown that can abort a rank at exit

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from ramda_ds.training.launch import (OPTIMIZERS, corpus, loop_config, make_task, read_args,
-                                      run_to_end, start, validate_common, wrap)
+from ramda_ds.training.launch import (OPTIMIZERS, corpus, loop_config, main_entry, make_task,
+                                      read_args, run_to_end, start, validate_common, wrap)
 from ramda_ds.training.run_checkpoint import KEEP_LAST
 
 
@@ -118,4 +118,4 @@ def txl_forward(model, x, mems):
 
 
 if __name__ == "__main__":
-    main()
+    main_entry(main)

@@ -265,10 +265,29 @@ def run_to_end(acc, fn):
 
 
 def _finish(acc) -> None:
+    """Every rank meets, then the trackers close; the process group is left to the process's end
+    (:func:`main_entry`), not destroyed here."""
     from .world import world_barrier
 
     world_barrier()
-    acc.end_training()
+    for tracker in acc.trackers:
+        tracker.finish()
+
+
+def main_entry(main) -> None:
+    """A launch script's ``__main__``: run ``main()``, then end the process with
+    :func:`~ramda_ds.training.world.exit_process` (0, or the SIGTERM checkpoint's exit code)
+    once every rank is done; errors propagate as usual (a traceback and exit code 1)."""
+    from .loop import PREEMPTED_EXIT
+    from .world import exit_process
+
+    try:
+        main()
+    except SystemExit as e:
+        if e.code == PREEMPTED_EXIT:
+            exit_process(PREEMPTED_EXIT)
+        raise
+    exit_process(0)
 
 
 def start(a):

@@ -23,3 +23,20 @@ def world_barrier() -> None:
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def exit_process(code: int = 0) -> None:
+    """End this process at once with ``code``, after flushing stdout/stderr; call it as the last
+    statement of a distributed script, after every rank met at a barrier.
+
+    A normal interpreter shutdown runs the C++ destructors of the gloo process group while a peer
+    may already have closed its sockets; that intermittently aborts a rank after all its work is
+    done ("terminate called without an active exception", exit -6, so the launcher reports a
+    failure). ``os._exit`` skips those destructors; files, checkpoints and logs are closed by then.
+    """
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

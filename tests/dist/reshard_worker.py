@@ -18,6 +18,7 @@ from common import batches  # noqa: E402
 
 from ramda_ds.checkpoint import load_optimizer_state, save_optimizer_state  # noqa: E402
 from ramda_ds.sharding.gather import gather_full_state  # noqa: E402
+from ramda_ds.training.world import exit_process  # noqa: E402
 
 STEPS_A, STEPS_B = 3, 2
 NAMES = ("RAMDA", "ProxGen")
@@ -49,7 +50,7 @@ def main():
     if dist.get_rank() == 0:
         torch.save(results, out)
     dist.barrier()
-    dist.destroy_process_group()
+    exit_process(0)  # no gloo teardown race at exit (see exit_process)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from common import (OPTIMIZERS, STEPS, batches, loss_fn, make_model, make_optimi
 
 from ramda_ds.sharding import attach  # noqa: E402
 from ramda_ds.sharding.gather import gather_full_state  # noqa: E402
+from ramda_ds.training.world import exit_process  # noqa: E402
 
 BACKEND, OUT = sys.argv[1], sys.argv[2]
 
@@ -191,7 +192,7 @@ def main():
     if dist.get_rank() == 0:
         torch.save(results, OUT)
     dist.barrier()
-    dist.destroy_process_group()
+    exit_process(0)  # no gloo teardown race at exit (see exit_process)
 
 
 if __name__ == "__main__":
