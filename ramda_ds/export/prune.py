@@ -206,6 +206,15 @@ def _heads(zero, norm, H, KV, n_kv: int | None, g_new: int | None):
     return kv, q, g_new
 
 
+def live_counts(zeros: list[dict], layout: str, multiple_of: int) -> tuple[list[int], list[int]]:
+    """Checked layout arguments; the live FFN units and heads per layer."""
+    if layout not in ("per_layer", "uniform"):
+        raise PruneError(f"layout must be per_layer or uniform, got {layout!r}")
+    if multiple_of < 1:
+        raise PruneError(f"multiple_of must be >= 1, got {multiple_of}")
+    return ([int((~z["ffn"]).sum()) for z in zeros], [int((~z["heads"]).sum()) for z in zeros])
+
+
 def plan(fam: Family, cfg, zeros: list[dict], layout: str = "per_layer",
          multiple_of: int = 1) -> list[Keep]:
     """What each layer keeps. ``per_layer``: its own live units (at least one of each kind; a
@@ -215,12 +224,7 @@ def plan(fam: Family, cfg, zeros: list[dict], layout: str = "per_layer",
     largest-norm removable units."""
     s = fam.sizes(cfg)
     H, KV, I = s["heads"], s["kv"], s["ffn"]
-    if layout not in ("per_layer", "uniform"):
-        raise PruneError(f"layout must be per_layer or uniform, got {layout!r}")
-    if multiple_of < 1:
-        raise PruneError(f"multiple_of must be >= 1, got {multiple_of}")
-    live_f = [int((~z["ffn"]).sum()) for z in zeros]
-    live_h = [int((~z["heads"]).sum()) for z in zeros]
+    live_f, live_h = live_counts(zeros, layout, multiple_of)
     n_ffn = n_kv = g_new = None
     if layout == "uniform":
         n_ffn = min(I, max(multiple_of, math.ceil(max(live_f + [1]) / multiple_of) * multiple_of))

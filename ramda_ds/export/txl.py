@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .prune import Family, PruneError, parameter_counts
+from .prune import Family, PruneError, live_counts, parameter_counts
 
 TXL = Family("transfo_xl", "layers.{i}.")  # only its layer prefix is used (parameter counts)
 
@@ -75,12 +75,7 @@ def plan(cfg, zeros: list[dict], layout: str = "per_layer", multiple_of: int = 1
     """Per layer ``{"ffn": [units kept], "heads": [heads kept]}``: its own live units (at least
     one of each; a removable one left in adds 0) or, ``uniform``, the same counts in every layer
     (FFN: the maximum over layers rounded up to ``multiple_of``), refilled by largest norm."""
-    if layout not in ("per_layer", "uniform"):
-        raise PruneError(f"layout must be per_layer or uniform, got {layout!r}")
-    if multiple_of < 1:
-        raise PruneError(f"multiple_of must be >= 1, got {multiple_of}")
-    live_f = [int((~z["ffn"]).sum()) for z in zeros]
-    live_h = [int((~z["heads"]).sum()) for z in zeros]
+    live_f, live_h = live_counts(zeros, layout, multiple_of)
     keeps = []
     for i, (z, lf, lh) in enumerate(zip(zeros, live_f, live_h)):
         if layout == "uniform":
