@@ -165,6 +165,82 @@ def wide_like(report, a):
     return dense, t
 
 
+# ------------------------------------------------------------------ Transformer-XL quality row
+def txl_train(model, opt, ids, a):
+    """Segment recurrence with memory, as launch/train_lm.py trains it."""
+    model.train()
+    mems, it = None, 0
+    while it < a.steps:
+        for x, y in data.segments(data.lm_streams(ids, a.batch), model.config.tgt_len):
+            loss, mems = model.loss(x, y, mems)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.25)
+            opt.step()
+            opt.zero_grad()
+            it += 1
+            if it == a.steps:
+                break
+        mems = None
+    return model.eval()
+
+
+@torch.no_grad()
+def txl_perplexity(model, ids, batch=8):
+    """exp of the token-weighted mean loss over the validation stream, with memory."""
+    model.eval()
+    total, n, mems = 0.0, 0, None
+    for x, y in data.segments(data.lm_streams(ids, batch), model.config.tgt_len):
+        logits, mems = model(x, mems)
+        total += F.cross_entropy(logits.flatten(0, 1).double(), y.flatten(), reduction="sum").item()
+        n += y.numel()
+    return math.exp(total / n)
+
+
+def txl_rows(a, train_ids, valid_ids, work):
+    """(a) RAMDA on FFN units (ff.down columns) and heads (attn.o per head), export of Ŵ;
+    (b) AdamW, then the same number of units per layer zeroed by smallest group norm, exported;
+    (c) AdamW dense."""
+    from ramda_ds.export.txl import export as txl_export
+    from ramda_ds.models import TransfoXLConfig, TransfoXLLM
+
+    def make():
+        torch.manual_seed(0)
+        return TransfoXLLM(TransfoXLConfig.preset("tiny", a.vocab))
+
+    m = make()
+    dh = m.config.d_head
+    rules = {"*.ff.down.weight": "input", "*.attn.o.weight": f"head:{dh}"}
+    opt = RAMDA(build_param_groups(m, "group_lasso", lam=a.txl_lam, include=list(rules),
+                                   grouping=rules), lr=a.txl_lr, c=0.1, keep_structured=True)
+    txl_train(m, opt, train_ids, a)
+    w_hat = {n: opt.state[p]["structured"].view_as(p).clone() for n, p in m.named_parameters()}
+    r_ramda = txl_export(w_hat, work / "txl_ramda", m.config, verbose=False)
+    counts = removed_counts(r_ramda)
+    d = make()
+    txl_train(d, torch.optim.AdamW(d.parameters(), lr=a.adamw_lr), train_ids, a)
+    t = {n: p.detach().clone() for n, p in d.named_parameters()}
+    for i, (n_ffn, n_heads) in enumerate(counts):
+        down = t[f"layers.{i}.ff.down.weight"]
+        down[:, down.norm(dim=0).argsort()[:n_ffn]] = 0
+        o = t[f"layers.{i}.attn.o.weight"]
+        for h in o.view(o.shape[0], -1, dh).norm(dim=(0, 2)).argsort()[:n_heads].tolist():
+            o[:, h * dh:(h + 1) * dh] = 0
+    r_adamw = txl_export(t, work / "txl_adamw", d.config, verbose=False)
+    load = TransfoXLLM.from_pretrained
+    rows = [dict(method="Transformer-XL: RAMDA + export (Ŵ)", params=r_ramda["params_after"],
+                 ppl=txl_perplexity(load(work / "txl_ramda"), valid_ids)),
+            dict(method="Transformer-XL: AdamW + smallest-norm pruning", params=r_adamw["params_after"],
+                 ppl=txl_perplexity(load(work / "txl_adamw"), valid_ids)),
+            dict(method="Transformer-XL: AdamW dense", params=r_adamw["params_before"],
+                 ppl=txl_perplexity(d, valid_ids))]
+    print(f"quality: tiny Transformer-XL, {a.steps} steps, removed (FFN units, heads) per layer "
+          f"{counts}", flush=True)
+    for r in rows:
+        print(f"  {r['method']:>46}: validation perplexity {r['ppl']:8.2f}, parameters "
+              f"{r['params']:,}", flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=150)
@@ -179,6 +255,9 @@ def main(argv=None):
     ap.add_argument("--wide_hidden", type=int, default=384)
     ap.add_argument("--vocab", type=int, default=1000)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--txl_lam", type=float, default=3e-4, help="λ of the Transformer-XL row")
+    ap.add_argument("--txl_lr", type=float, default=2e-2)
+    ap.add_argument("--no_txl", action="store_true", help="skip the Transformer-XL quality row")
     a = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="export_bench-"))
     train_file, valid_file = data.default_corpus(work / "data")
@@ -214,6 +293,9 @@ def main(argv=None):
     for r in rows:
         print(f"  {r['method']:>32}: validation perplexity {r['ppl']:8.2f}, parameters "
               f"{r['params']:,}", flush=True)
+
+    if not a.no_txl:
+        rows += txl_rows(a, train_ids, valid_ids, work)
 
     with torch.no_grad():  # the dense model carrying Ŵ
         for n, p in m.named_parameters():
