@@ -235,6 +235,14 @@ def export_model(model, optimizer, out, *, layout="per_layer", multiple_of=1,
 
 
 # ---------------------------------------------------------------------------- the export
+def check_shapes(tensors: dict, params: dict) -> None:
+    """ExportError naming the first tensor whose shape differs from the model's parameter."""
+    for n, t in tensors.items():
+        if tuple(t.shape) != tuple(params[n].shape):
+            raise ExportError(f"the checkpoint is of a different model: {n} has shape "
+                              f"{list(t.shape)}, the model's is {list(params[n].shape)}")
+
+
 def dense_model(tensors: dict, config=None, base_model=None):
     """The dense HF model carrying ``tensors`` (fp32); parameters the optimizer did not hold
     (frozen ones) come from ``base_model``. Refuses a checkpoint of another model."""
@@ -251,10 +259,7 @@ def dense_model(tensors: dict, config=None, base_model=None):
         raise ExportError(f"the checkpoint is of a different model than {type(model).__name__} "
                           f"from {base_model or 'the given config'}: it holds {foreign[:3]}, which "
                           f"this model does not have (its parameters: {list(params)[:3]} ...)")
-    for n, t in tensors.items():
-        if tuple(t.shape) != tuple(params[n].shape):
-            raise ExportError(f"the checkpoint is of a different model: {n} has shape "
-                              f"{list(t.shape)}, the model's is {list(params[n].shape)}")
+    check_shapes(tensors, params)
     absent = sorted(set(params) - set(tensors))
     if absent and base_model is None:
         raise ExportError(f"the optimizer holds no value for {absent[:3]} and no base model was "

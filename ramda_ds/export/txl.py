@@ -135,7 +135,7 @@ def dense_model(tensors: dict, cfg):
     """The Transformer-XL carrying ``tensors`` (fp32, eval); refuses a checkpoint of another
     model."""
     from ..models import TransfoXLLM
-    from .api import ExportError
+    from .api import ExportError, check_shapes
 
     torch.manual_seed(0)  # the init is overwritten; seeded so that nothing random leaks in
     model = TransfoXLLM(cfg).float()
@@ -145,10 +145,7 @@ def dense_model(tensors: dict, cfg):
             f"the checkpoint is not of this Transformer-XL ({cfg.n_layer} layers, d_model "
             f"{cfg.d_model}): it holds {sorted(set(tensors) - set(params))[:3]} that the model "
             f"has not, lacks {sorted(set(params) - set(tensors))[:3]}")
-    for n, t in tensors.items():
-        if tuple(t.shape) != tuple(params[n].shape):
-            raise ExportError(f"the checkpoint is of a different model: {n} has shape "
-                              f"{list(t.shape)}, the model's is {list(params[n].shape)}")
+    check_shapes(tensors, params)
     with torch.no_grad():
         for n, t in tensors.items():
             params[n].copy_(t)
