@@ -189,6 +189,11 @@ def main():
         "RMDA": lambda m, lam: RMDA(reg(m, lam), lr=1e-1),
         "ProxSGD": lambda m, lam: ProxSGD(reg(m, lam), lr=1e-1),
     }
+    if device.type == "cpu":
+        configs["RAMDA+PG native"] = lambda m, lam: RAMDA(reg(m, lam), lr=1e-2, backend="native")
+        configs["RAMDA+exact native"] = lambda m, lam: RAMDA(reg(m, lam), lr=1e-2, solver="exact",
+                                                             backend="native")
+        configs["MADGRAD native"] = lambda m, lam: RAMDA(m.parameters(), lr=1e-2, backend="native")
     if device.type == "cuda" and kernels.available(device):
         configs["RAMDA+exact triton"] = lambda m, lam: RAMDA(reg(m, lam), lr=1e-2, solver="exact",
                                                              backend="triton")

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-from ramda_ds.training.launch import (OPTIMIZERS, corpus, loop_config, main_entry, make_task,
-                                      read_args, run_to_end, start, validate_common, wrap)
+from ramda_ds.training.launch import (BACKEND_HELP, OPTIMIZERS, corpus, loop_config, main_entry,
+                                      make_task, read_args, run_to_end, start, validate_common,
+                                      wrap)
 from ramda_ds.training.run_checkpoint import KEEP_LAST
 
 LAM = 1e-4  # default λ: removes ~30% of the README tiny Llama's FFN neurons in 200 steps (README sweep)
@@ -54,6 +55,7 @@ class FinetuneArgs:
         "help": "λ of the group lasso on the units: larger removes more (see README's sweep)"})
     momentum: float = field(default=0.1, metadata={"help": "RAMDA's averaging weight c0 (paper's c)"})
     solver: str = field(default="pg", metadata={"help": "RAMDA/ProxGen subproblem solver: pg | exact"})
+    backend: str = field(default="torch", metadata={"help": BACKEND_HELP})
     milestones: str = field(default="auto", metadata={
         "help": "comma-separated restart steps, '' for none, or auto: one restart at "
                 "max(steps − ⌈1/c0²⌉, steps/2), so that c = min(c0·√i, 1) reaches 1 and W "

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from ramda_ds.training.launch import (OPTIMIZERS, corpus, loop_config, main_entry, make_task,
-                                      read_args, run_to_end, start, validate_common, wrap)
+from ramda_ds.training.launch import (BACKEND_HELP, OPTIMIZERS, corpus, loop_config, main_entry,
+                                      make_task, read_args, run_to_end, start, validate_common,
+                                      wrap)
 from ramda_ds.training.run_checkpoint import KEEP_LAST
 
 
@@ -38,6 +39,7 @@ class RunArgs:
     grouping: str = field(default="input", metadata={"help": "group rule of regularized weights: "
                                                      "input (columns) | output (rows)"})
     solver: str = "pg"
+    backend: str = field(default="torch", metadata={"help": BACKEND_HELP})
     milestones: str = field(default="400", metadata={"help": "comma-separated restart steps"})
     steps: int = 600
     batch_size: int = 8

@@ -63,6 +63,7 @@ class RamdaConfig:
     momentum: float = 0.1
     milestones: tuple[int, ...] = ()
     solver: str = "pg"
+    backend: str = "torch"  # RAMDA's step kernels: torch | auto | native | triton (see README)
     log_units: bool = True  # per-tensor units kept in every training log row
 
 
@@ -94,7 +95,7 @@ class RamdaMixin:
             model = self.model if model is None else model
             r = self.ramda
             a = SimpleNamespace(optimizer=r.optimizer, lr=self.args.learning_rate,
-                                momentum=r.momentum, solver=r.solver,
+                                momentum=r.momentum, solver=r.solver, backend=r.backend,
                                 milestones=",".join(map(str, r.milestones)))
             self._partitioned_at_load = sum(hasattr(p, "ds_shape") for p in model.parameters())
             self.optimizer = make_optimizer(

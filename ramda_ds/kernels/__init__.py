@@ -18,7 +18,7 @@ import warnings
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "native")
 LAUNCHES = [0]
 
 
@@ -46,6 +46,22 @@ def check_backend(backend, where: str) -> None:
         raise ValueError(f"{where}: backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "triton" and triton_version() is None:
         raise ValueError(f"{where}: backend='triton' needs the triton package (pip install triton)")
+
+
+def choose(backend: str, device: torch.device) -> str:
+    """The path a step of tensors on ``device`` takes: ``"torch"``, ``"triton"`` or ``"native"``."""
+    if backend == "native":
+        if device.type != "cpu":
+            raise RuntimeError(f"backend='native' runs on CPU tensors, not {device}; use 'auto'")
+        from .native_build import load
+
+        load()  # raises NativeUnavailable with the compiler's message
+        return "native"
+    if backend == "auto" and device.type == "cpu":
+        from .native import available as native_ok
+
+        return "native" if native_ok() else "torch"
+    return "triton" if use_triton(backend, device) else "torch"
 
 
 _VERIFIED: dict[str, bool] = {}

@@ -280,11 +280,11 @@ def self_test(device) -> bool:
     ``device``; True when the kernels ran and the weights agree to 1e-5."""
     from ..optim import RAMDA
     from ..param_groups import build_param_groups
+    from .native import _seeded_linear
 
     nets = []
     for backend in ("torch", "triton"):
-        torch.manual_seed(0)
-        net = torch.nn.Linear(16, 24).to(device)
+        net = _seeded_linear(16, 24, device)  # (the caller's global RNG is left alone)
         opt = RAMDA(build_param_groups(net, "group_lasso", lam=1e-2), lr=0.05, solver="exact",
                     backend=backend)
         g = torch.Generator(device="cpu").manual_seed(1)

@@ -64,7 +64,7 @@ class RAMDA(StructuredOptimizer):
                     grad_sq_sum=torch.zeros_like(w, dtype=dtype), initial=w.to(dtype, copy=True))
 
     def _update_group(self, group, present):
-        if self._triton_step(group, present):
+        if self._fast_step(group, present):
             return
         items, updates = [], []
         for k, p, w, g in self._params(group, present):
@@ -92,13 +92,18 @@ class RAMDA(StructuredOptimizer):
                 self.state[p]["structured"] = self.view.wrap_state(p, w_hat)
             self._maybe_restart(group, st, w)
 
-    def _triton_step(self, group, present) -> bool:
-        """The fused Triton step (:mod:`ramda_ds.kernels.exact`) where it applies, else False."""
-        unregularized = group["lam"] == 0 or group["regularizer"] is None
-        if (group["solver"] != "exact" and not unregularized) or self.view.comm.world_size > 1 \
-                or group["regularizer"] in ("l1", "nuclear") or not group["params"]:
+    def _fast_step(self, group, present) -> bool:
+        """The step on the per-step table of :mod:`ramda_ds.kernels` (``backend`` ≠ ``"torch"``)
+        where it applies, else False (the torch path below runs)."""
+        if group["backend"] == "torch" or not group["params"]:
             return False
-        if not kernels.use_triton(group["backend"], group["params"][0].device):
+        path = kernels.choose(group["backend"], group["params"][0].device)
+        if path == "native":
+            from ..kernels.native import ramda_native_step
+            return ramda_native_step(self, group, present)
+        unregularized = group["lam"] == 0 or group["regularizer"] is None
+        if path != "triton" or (group["solver"] != "exact" and not unregularized) \
+                or self.view.comm.world_size > 1 or group["regularizer"] in ("l1", "nuclear"):
             return False
         from ..kernels.exact import ramda_exact_step
         return ramda_exact_step(self, group, present)

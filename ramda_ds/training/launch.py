@@ -20,10 +20,15 @@ def parse_milestones(text: str) -> tuple[int, ...]:
     return tuple(int(m) for m in text.split(",") if m.strip())
 
 
+BACKEND_HELP = ("RAMDA's step kernels: torch (the reference; sharded == unsharded bit for bit) | "
+                "auto (native C loops on CPU, Triton on CUDA, where they apply; torch elsewhere) "
+                "| native | triton (see README: Fast step)")
+
+
 def make_optimizer(a, model, groups_of, keep_structured: bool = False):
     """The optimizer named by ``a.optimizer``; ``groups_of(model)`` builds its param groups.
 
-    ``a`` carries lr, momentum, milestones and (optionally) solver. ``keep_structured`` keeps
+    ``a`` carries lr, momentum, milestones and (optionally) solver and backend (RAMDA's kernels). ``keep_structured`` keeps
     RAMDA's Ŵ in the state (for Ŵ metrics and export).
     """
     from ..optim import RAMDA, RMDA, ProxGen, ProxSGD
@@ -35,7 +40,7 @@ def make_optimizer(a, model, groups_of, keep_structured: bool = False):
     solver = getattr(a, "solver", "pg")
     if a.optimizer == "ramda":
         return RAMDA(groups, momentum=a.momentum, solver=solver, keep_structured=keep_structured,
-                     **kw)
+                     backend=getattr(a, "backend", "torch"), **kw)
     if a.optimizer == "rmda":
         return RMDA(groups, momentum=a.momentum, **kw)
     if a.optimizer == "proxsgd":
@@ -83,6 +88,15 @@ def validate_common(a, files) -> None:
         raise SystemExit(f"grad_clip must be >= 0 (0: no clipping), got {a.grad_clip}")
     if getattr(a, "solver", "pg") not in ("pg", "exact"):
         raise SystemExit(f"solver must be pg or exact, got {a.solver!r}")
+    from ..kernels import BACKENDS, check_backend
+
+    try:
+        check_backend(getattr(a, "backend", "torch"), "backend")
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if getattr(a, "backend", "torch") != "torch" and a.optimizer != "ramda":
+        raise SystemExit(f"backend {a.backend!r} applies to RAMDA's step only; {a.optimizer} runs "
+                         f"on torch (choose one of {BACKENDS} with --optimizer ramda)")
     for f in files:
         if f and not f.startswith("hf:") and not Path(f).exists():
             raise SystemExit(f"file not found: {f}")
@@ -332,8 +346,27 @@ def wrap(acc, a, model, blocks, precision, groups_of, keep_structured: bool = Fa
                  precision=precision, optimizer=a.optimizer, lam=a.lam,
                  milestones=list(parse_milestones(a.milestones)), params=n_params,
                  dtensor_params=sum(type(p).__name__ == "DTensor" for p in model.parameters()),
-                 valid_equals_train=bool(getattr(a, "valid_equals_train", False)))
+                 valid_equals_train=bool(getattr(a, "valid_equals_train", False)),
+                 step_kernels=step_kernels(opt))
     return model, opt, setup
+
+
+def step_kernels(opt) -> str:
+    """The kernels RAMDA's step runs on (its ``backend`` resolved for this run), for the log."""
+    from ..kernels import choose
+    from ..optim import RAMDA
+    from ..optim.base import find_structured
+
+    inner = find_structured(opt)
+    if not isinstance(inner, RAMDA):
+        return "torch"
+    groups = [g for g in inner.param_groups if g["params"]]
+    if not groups or groups[0]["backend"] == "torch":
+        return "torch"
+    path = choose(groups[0]["backend"], groups[0]["params"][0].device)
+    if path != "torch" and inner.view.comm.world_size > 1:
+        return "torch (the kernels need whole tensors; this view shards them)"
+    return path
 
 
 def backend_name(acc, fsdp2: bool) -> str:
