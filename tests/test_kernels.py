@@ -88,3 +88,21 @@ def test_self_test_passes_on_the_interpreter():
     before = kernels.LAUNCHES[0]
     assert self_test(torch.device("cpu"))
     assert kernels.LAUNCHES[0] > before
+
+
+def test_triton_pg_step_matches_the_torch_step():
+    """PG with the paper's stop rule on the Triton kernels (chunks of iterations per block)."""
+    from step_models import run as run_steps
+
+    ref = run_steps("torch", steps=6, lam=1e-2, milestones=(4,))
+    before = kernels.LAUNCHES[0]
+    got = run_steps("triton", steps=6, lam=1e-2, milestones=(4,))
+    assert kernels.LAUNCHES[0] > before
+    assert got[2] == ref[2]  # same PG iterations and screening, step by step
+    last = ref[2][-1]
+    assert max(s[0] for s in last.values()) >= 5 and any(s[1] > 0 for s in last.values())
+    for (name, a), b in zip(ref[0].named_parameters(), got[0].parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=name)
+        hat, ref_hat = got[1].state[b]["structured"], ref[1].state[a]["structured"]
+        torch.testing.assert_close(hat, ref_hat, rtol=1e-5, atol=1e-7, msg=name)
+        assert torch.equal(hat == 0, ref_hat == 0)

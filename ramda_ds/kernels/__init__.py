@@ -1,14 +1,26 @@
-"""Triton kernels for the optimizer step, and the switch that chooses them.
+"""Fused kernels for RAMDA's step, and the switch that chooses them.
 
-``backend`` (a param-group option of RAMDA): ``"torch"`` — the pure-torch reference, runs
-everywhere; ``"triton"`` — the fused kernels of :mod:`ramda_ds.kernels.exact` where they apply
-(exact solver or unregularized groups, unsharded float32 tensors), torch elsewhere; ``"auto"`` (default) — Triton only
-for CUDA tensors, when ``triton`` is importable and a tiny RAMDA step run both ways on that
-device (:func:`ramda_ds.kernels.exact.self_test`, once per process) compiled and matched, so
-it never picks a path that cannot run.  On CPU
-the kernels run only under ``TRITON_INTERPRET=1`` (the interpreter; the tests use it).
+All of them consume the per-step table of :mod:`.table` (one row per tensor), so a step costs the
+same number of passes for 8 or 80 layers.  ``backend`` (a param-group option of RAMDA):
 
-:data:`LAUNCHES` counts kernel launches (``bench/optimizer_step.py`` adds them to the op count).
+* ``"torch"`` (the default) — the pure-torch reference; runs everywhere; sharded == unsharded bit
+  for bit on every sharding backend.
+* ``"native"`` — CPU tensors: the C loops of :mod:`.native` (compiled on first use with the
+  system C compiler; a clear error if there is none): the unregularized update, the exact solver
+  and PG with the paper's stop rule.
+* ``"triton"`` — Triton kernels: :mod:`.exact` (exact solver, unregularized groups) and
+  :mod:`.triton_pg` (PG).  On CPU they run only under ``TRITON_INTERPRET=1`` (the tests use it).
+* ``"auto"`` — native for CPU tensors and Triton for CUDA tensors, each only after a tiny RAMDA
+  run both ways (:func:`.native.self_test`, :func:`.exact.self_test`, once per process) built
+  and matched the torch step; otherwise torch, with a warning.  It never picks a path that cannot
+  run.
+
+The fast paths apply to unsharded (single-process or DDP), contiguous float32 tensors regularized
+by the group lasso whole or not at all, with ``inexact_eps0`` unset; anything else in a group
+takes the torch path.  They match the torch path to float32 rounding (the native one, op for op,
+mostly bit for bit), not guaranteed bitwise.
+
+:data:`LAUNCHES` counts Triton launches (``bench/optimizer_step.py`` adds them to the op count).
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ Sums accumulate in float64.  The ∛ is the bit-seed + Halley + Newton of
 FMA contraction differ), not bitwise; the tests compare them under ``TRITON_INTERPRET=1``.
 
 Applies to unsharded float32 tensors that are regularized whole or not at all (then τ = 0 and
-``Ŵ = b/P = W0 − V/P``); anything else (sharded views, other dtypes) takes the torch path.
+``Ŵ = b/P = W0 − V/P``); anything else (sharded views, other dtypes) takes the torch path.  PG's
+Triton kernels are in :mod:`.triton_pg`.
 """
 
 from __future__ import annotations
@@ -276,21 +277,25 @@ def ramda_exact_step(opt, group, present, max_iters: int = 50) -> bool:
 
 
 def self_test(device) -> bool:
-    """Two RAMDA+exact steps of a tiny model with backend ``"triton"`` and ``"torch"`` on
-    ``device``; True when the kernels ran and the weights agree to 1e-5."""
+    """Two RAMDA steps of a tiny model with backend ``"triton"`` and ``"torch"`` on ``device``,
+    for each solver (the exact kernels here, PG's in :mod:`.triton_pg`); True when the kernels
+    ran and the weights agree to 1e-5."""
     from ..optim import RAMDA
     from ..param_groups import build_param_groups
     from .native import _seeded_linear
 
-    nets = []
-    for backend in ("torch", "triton"):
-        net = _seeded_linear(16, 24, device)  # (the caller's global RNG is left alone)
-        opt = RAMDA(build_param_groups(net, "group_lasso", lam=1e-2), lr=0.05, solver="exact",
-                    backend=backend)
-        g = torch.Generator(device="cpu").manual_seed(1)
-        for _ in range(2):
-            net.weight.grad = torch.randn(24, 16, generator=g).to(device)
-            net.bias.grad = torch.randn(24, generator=g).to(device)
-            opt.step()
-        nets.append(net.weight.detach().cpu())
-    return bool(torch.allclose(nets[0], nets[1], rtol=1e-5, atol=1e-6))
+    for solver in ("exact", "pg"):
+        nets = []
+        for backend in ("torch", "triton"):
+            net = _seeded_linear(16, 24, device)  # (the caller's global RNG is left alone)
+            opt = RAMDA(build_param_groups(net, "group_lasso", lam=1e-2), lr=0.05, solver=solver,
+                        backend=backend)
+            g = torch.Generator(device="cpu").manual_seed(1)
+            for _ in range(2):
+                net.weight.grad = torch.randn(24, 16, generator=g).to(device)
+                net.bias.grad = torch.randn(24, generator=g).to(device)
+                opt.step()
+            nets.append(net.weight.detach().cpu())
+        if not torch.allclose(nets[0], nets[1], rtol=1e-5, atol=1e-6):
+            return False
+    return True

@@ -2,23 +2,19 @@
 
 * Unregularized tensors: one pass, ``V, U, P`` and ``Ŵ = W0 − V/P``, ``W ← lerp(W, Ŵ, c)``.
 * Exact solver: one pass per block of whole groups (~64K elements): the stage, screening, the
-  safeguarded Newton of :func:`ramda_ds.solvers.solve_exact` while the block's ``P, b`` are in
-  cache, ``Ŵ`` and the averaging.  Newton stops when every group *of the block* has converged
+  safeguarded Newton of :func:`ramda_ds.solvers.solve_exact` while the block's ``P, b`` are packed
+  in cache, ``Ŵ`` and the averaging.  Newton stops when every group *of the block* has converged
   (the torch path: every group of the tensor), so μ equals the torch path's to the solver's
-  tolerance (8 float32 ulps), not bitwise.
-* PG (Alg. 2, the paper's stop rule): a stage pass, then *chunks* of iterations: each block runs
-  ``n`` iterations in cache, computing its groups' soft-threshold factors itself and its share of
-  Q for every iteration; the host sums the shares per tensor and applies the stop rule to each
-  iteration of the chunk.  A tensor that stopped inside a chunk re-runs its last chunk from that
-  chunk's start up to the stopping iteration (the chunk read ``Y`` and wrote ``Y'``, so the start
-  is intact).  Chunk lengths come from each tensor's iteration count at the previous step (a hint
-  kept in memory: it changes the speed, never the result).  Every iteration is computed with the
-  torch path's elementwise ops, so the iterates and stopping iterations are the torch path's;
-  the float64 group sums add in another order (results agree to float32 rounding; on the tests'
-  models they are bitwise equal).
+  tolerance (8 float32 ulps), not necessarily bitwise.
+* PG (the paper's stop rule): :func:`.table.solve_pg_chunked` with these kernels; ``P, b, Y, Y'``
+  are stored item-packed (each block contiguous), so a chunk's iterations run in cache.
+
+Every elementwise operation is the torch path's, op for op (``fmaf`` where ATen's CPU kernels
+fuse), and every float64 group sum is over the same terms in another order, so the iterates and
+stopping decisions are the torch path's to float32 rounding (bitwise on the tests' models).
 
 Each pass is one ctypes call per thread over a contiguous share of the work items (blocks of whole
-groups, so no result depends on the number of threads); ctypes releases the GIL.  The library is
+groups: no result depends on the number of threads); ctypes releases the GIL.  The library is
 compiled on first use (:mod:`.native_build`); :func:`available` says whether that worked and a
 small self test matched the torch path.
 """
@@ -32,15 +28,10 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from . import table
-from ..solvers import SolverStats
 
 F64 = torch.float64
 ITEM_ELEMENTS = 1 << 16
 MAX_WIDTH = 4096  # MAXW in native.c
-FIRST_CHUNK = 4  # PG iterations of a first chunk without a hint (else FIRST_SHARE of the hint)
-FIRST_SHARE = 0.6
-NEXT_CHUNK = 3
-COL_W, COL_Y, COL_Y2 = 6, 8, 9  # pointer columns (native.c)
 _TOL32 = 8 * torch.finfo(torch.float32).eps
 
 CALLS = [0]  # passes run (each one call per thread)
@@ -125,35 +116,66 @@ def ramda_native_step(opt, group, present) -> bool:
         return False
     if not tab.rows:
         return True
-    lib = load()
-    ptrs = torch.tensor(tab.ptrs, dtype=torch.int64)
-    geom = torch.tensor(tab.geom, dtype=torch.int64)
-    scal = torch.tensor(tab.scal, dtype=F64)
-    reg = [t for t, r in enumerate(tab.rows) if r[4] is not None]
-    free = _Items(tab.geom, [t for t, r in enumerate(tab.rows) if r[4] is None])
-    items = _Items(tab.geom, reg)
-    _run(lib.ramda_free, (ptrs.data_ptr(), geom.data_ptr(), scal.data_ptr()), free)
+    k = _Kernels(load(), tab)
+    k.free()
     tau_t = torch.tensor(tab.taus, dtype=F64)
-    if reg:
-        solve = _pg if pg else _exact
-        iters, act, q = solve(opt, group, lib, tab, ptrs, geom, scal, items, tau_t)
-        T = len(tab.rows)
-        counts = [gm[1] if gm[3] >= 0 else 0 for gm in tab.geom]
-        tid = torch.repeat_interleave(torch.arange(T), torch.tensor(counts))
-        n_act = torch.zeros(T, dtype=F64).index_add_(0, tid, act.to(F64)).tolist()
-        for t in reg:
-            seg, lay = tab.rows[t][4], tab.rows[t][5]
-            opt.last_stats[seg.name] = SolverStats(iters[t], round(n_act[t]),
-                                                   lay.groups - round(n_act[t]), math.nan, q[t])
-    for p, w, st, z, seg, lay in tab.rows:
-        if group["keep_structured"]:
-            opt.state[p]["structured"] = opt.view.wrap_state(p, z)
-        opt._maybe_restart(group, st, w)
+    T = len(tab.rows)
+    iters, act, q = [0] * T, torch.zeros(0, dtype=torch.bool), [math.nan] * T
+    if k.items.n:
+        if pg:
+            iters, act, q = table.solve_pg_chunked(k, opt, group, tab, tau_t)
+        else:
+            iters, act = _exact(opt, group, k, tab, tau_t)
+    table.record(opt, group, tab, iters, act, q)
     return True
 
 
-def _exact(opt, group, lib, tab, ptrs, geom, scal, items, tau_t, max_iters=50):
-    regs = [(t, tab.rows[t][4]) for t in range(len(tab.rows)) if tab.rows[t][4] is not None]
+class _Kernels:
+    """The C kernels bound to one step's table (the kernel set of :func:`table.solve_pg_chunked`)."""
+
+    def __init__(self, lib, tab):
+        self.lib, self.tab = lib, tab
+        self.ptrs = torch.tensor(tab.ptrs, dtype=torch.int64)
+        self.geom = torch.tensor(tab.geom, dtype=torch.int64)
+        self.scal = torch.tensor(tab.scal, dtype=F64)
+        self.items = _Items(tab.geom, [t for t, r in enumerate(tab.rows) if r[4] is not None])
+        self.free_items = _Items(tab.geom, [t for t, r in enumerate(tab.rows) if r[4] is None])
+        self.head = (self.ptrs.data_ptr(), self.geom.data_ptr())
+        self.head3 = self.head + (self.scal.data_ptr(),)
+        self.spares = []
+        self.tau_t = torch.tensor(tab.taus, dtype=F64)
+
+    def free(self):
+        _run(self.lib.ramda_free, self.head3, self.free_items)
+
+    def stage(self):
+        G = self.tab.G
+        bb, cst, pmax = torch.zeros(G, dtype=F64), torch.zeros(G, dtype=F64), torch.zeros(G)
+        _run(self.lib.ramda_pg_stage, self.head3, self.items, bb.data_ptr(), cst.data_ptr(),
+             pmax.data_ptr())
+        return bb, cst, pmax
+
+    def spare(self, t):
+        self.spares.append(torch.empty_like(self.tab.rows[t][1]))
+        self.ptrs[t, table.COL_Y2] = self.spares[-1].data_ptr()
+
+    def chunk(self, n, f, eta, src, dst):
+        n_max, T = max(n), len(self.tab.rows)
+        q_out = torch.zeros(self.items.n * n_max, dtype=F64)
+        n_t = torch.tensor(n, dtype=torch.int32)
+        _run(self.lib.ramda_pg_chunk, self.head, self.items, n_t.data_ptr(), n_max,
+             self.tau_t.data_ptr(), eta.data_ptr(), f.data_ptr(), src, dst, q_out.data_ptr(),
+             ranges=self.items.weighted([m + 1 for m in n]))
+        return torch.zeros(T, n_max, dtype=F64).index_add_(
+            0, self.items.tensor, q_out.view(-1, n_max)).tolist()
+
+    def finish(self, f, ycol):
+        yc = torch.tensor(ycol, dtype=torch.int64)
+        _run(self.lib.ramda_pg_finish, self.head3, self.items, f.data_ptr(), yc.data_ptr())
+
+
+def _exact(opt, group, k, tab, tau_t, max_iters=50):
+    regs = [(t, r[4]) for t, r in enumerate(tab.rows) if r[4] is not None]
     G = tab.G
     warm = opt._warm_roots if group.get("warm_start") else None
     pos_in = None
@@ -164,88 +186,15 @@ def _exact(opt, group, lib, tab, ptrs, geom, scal, items, tau_t, max_iters=50):
         pos_in = torch.cat(parts).contiguous()
     pos_out = torch.ones(G, dtype=F64)
     act = torch.zeros(G, dtype=torch.float32)
-    passes = torch.zeros(items.n, dtype=torch.int32)
-    _run(lib.ramda_exact, (ptrs.data_ptr(), geom.data_ptr(), scal.data_ptr()), items,
-         tau_t.data_ptr(), _p(pos_in), pos_out.data_ptr(), act.data_ptr(), passes.data_ptr(),
-         max_iters, _TOL32)
+    passes = torch.zeros(k.items.n, dtype=torch.int32)
+    _run(k.lib.ramda_exact, k.head3, k.items, tau_t.data_ptr(), _p(pos_in), pos_out.data_ptr(),
+         act.data_ptr(), passes.data_ptr(), max_iters, _TOL32)
     if warm is not None:
         for (t, seg), part in zip(regs, pos_out.split([seg.groups.num_groups for _, seg in regs])):
             warm[(seg.name, seg.lo, seg.hi)] = part.clone()
     per_t = torch.zeros(len(tab.rows), dtype=torch.int64).scatter_reduce_(
-        0, items.tensor, passes.to(torch.int64), "amax").tolist()
-    return per_t, act > 0, [math.nan] * len(tab.rows)
-
-
-def _pg(opt, group, lib, tab, ptrs, geom, scal, items, tau_t):
-    T, G = len(tab.rows), tab.G
-    max_iters, rtol = group["max_iters"], group["rtol"]
-    head = (ptrs.data_ptr(), geom.data_ptr())
-    bb, cst, pmax = torch.zeros(G, dtype=F64), torch.zeros(G, dtype=F64), torch.zeros(G)
-    _run(lib.ramda_pg_stage, head + (scal.data_ptr(),), items, bb.data_ptr(), cst.data_ptr(),
-         pmax.data_ptr())
-    counts = [gm[1] if gm[3] >= 0 else 0 for gm in tab.geom]
-    tid = torch.repeat_interleave(torch.arange(T), torch.tensor(counts))
-    tau = tau_t[tid]
-    act = bb.sqrt() > tau
-    eta = torch.where(act, 1.0 / pmax.to(F64), torch.zeros_like(tau)).contiguous()
-    const_t = torch.zeros(T, dtype=F64).index_add_(0, tid, cst * act).tolist()
-    f = act.to(F64).contiguous()  # f_0: the warm start W with screened groups set to 0
-    hints = opt.__dict__.setdefault("_pg_chunk_hint", {})
-    names = [r[4].name if r[4] is not None else None for r in tab.rows]
-    done = [names[t] is None for t in range(T)]
-    iters, q_last, q_prev = [0] * T, [math.nan] * T, [math.nan] * T
-    ycol = torch.full((T,), COL_Y, dtype=torch.int64)
-    pos, first, src, dst, spare = [0] * T, True, COL_W, COL_Y, []
-    while not all(done):
-        if dst == COL_Y2 and not spare:  # Y' on first need: the second chunk
-            for t in range(T):
-                if not done[t]:
-                    spare.append(torch.empty_like(tab.rows[t][1]))
-                    ptrs[t, COL_Y2] = spare[-1].data_ptr()
-        want = [_first_chunk(hints.get(names[t])) if first else NEXT_CHUNK for t in range(T)]
-        n = [0 if done[t] else min(max_iters - pos[t], want[t]) for t in range(T)]
-        n_max = max(n)
-        f_start = f.clone()
-        q_out = torch.zeros(items.n * n_max, dtype=F64)
-        _chunk(lib, head, items, n, n_max, tau_t, eta, f, src, dst, q_out)
-        q = torch.zeros(T, n_max, dtype=F64).index_add_(0, items.tensor, q_out.view(-1, n_max))
-        q = q.tolist()
-        rerun = [0] * T
-        for t in range(T):
-            if done[t]:
-                continue
-            for k in range(n[t]):  # the stop rule on each iteration of the chunk, in order
-                j, qj = pos[t] + k + 1, q[t][k] + const_t[t]
-                q_prev[t], q_last[t], iters[t] = q_last[t], qj, j
-                if j >= 2 and (q_prev[t] - qj) / (abs(qj) + 1.0) < rtol:
-                    done[t], rerun[t] = True, (k + 1 if k + 1 < n[t] else 0)
-                    break
-            pos[t] += n[t]
-            ycol[t] = dst
-            done[t] = done[t] or pos[t] >= max_iters
-        for m in sorted(set(rerun) - {0}):  # from the chunk's start up to the stopping iteration
-            f_re = f_start.clone()
-            _chunk(lib, head, items, [m if r == m else 0 for r in rerun], m, tau_t, eta, f_re,
-                   src, dst, torch.zeros(items.n * m, dtype=F64))
-            f = torch.where(torch.tensor([r == m for r in rerun])[tid], f_re, f).contiguous()
-        src, dst, first = dst, (COL_Y2 if dst == COL_Y else COL_Y), False
-    for t in range(T):
-        if names[t] is not None:
-            hints[names[t]] = iters[t]
-    _run(lib.ramda_pg_finish, head + (scal.data_ptr(),), items, f.data_ptr(), ycol.data_ptr())
-    return iters, act, q_last
-
-
-def _first_chunk(hint):
-    """The first chunk: a share of the previous step's iterations (a stop inside a chunk re-runs
-    it from its start, so it should end before the stop; later chunks are short)."""
-    return FIRST_CHUNK if hint is None else max(2, int(FIRST_SHARE * hint))
-
-
-def _chunk(lib, head, items, n, n_max, tau_t, eta, f, src, dst, q_out):
-    n_t = torch.tensor(n, dtype=torch.int32)
-    _run(lib.ramda_pg_chunk, head, items, n_t.data_ptr(), n_max, tau_t.data_ptr(), eta.data_ptr(),
-         f.data_ptr(), src, dst, q_out.data_ptr(), ranges=items.weighted([m + 1 for m in n]))
+        0, k.items.tensor, passes.to(torch.int64), "amax").tolist()
+    return per_t, act > 0
 
 
 def available() -> bool:

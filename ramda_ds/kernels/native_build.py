@@ -46,7 +46,25 @@ def _cpu_id() -> str:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("RAMDA_DS_CACHE") or Path.home() / ".cache" / "ramda_ds")
+    """``$RAMDA_DS_CACHE``, else ``~/.cache/ramda_ds``, else (not writable) a per-user temp dir."""
+    if os.environ.get("RAMDA_DS_CACHE"):
+        return Path(os.environ["RAMDA_DS_CACHE"])
+    home = Path.home() / ".cache" / "ramda_ds"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        if os.access(home, os.W_OK):
+            return home
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"ramda_ds-{os.getuid()}"
+
+
+def has_compiler() -> bool:
+    try:
+        _compiler()
+    except NativeUnavailable:
+        return False
+    return True
 
 
 def library_path() -> Path:

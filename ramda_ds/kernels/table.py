@@ -7,6 +7,17 @@ tensor's per-group vectors (−1: unregularized), and the scalars ``s = lr·√t
 scratch ``P, b`` and ``Y`` of PG's regularized tensors, so a kernel set (:mod:`.native` on CPU)
 only needs the table to run a pass for all tensors at once.
 
+:func:`solve_pg_chunked` is PG (Alg. 2, the paper's stop rule) for any kernel set that runs
+*chunks*: ``n`` iterations per block of whole groups, each block computing its groups'
+soft-threshold factors and its share of Q for every iteration (iteration j:
+``Z = f_{j−1}∘Y_{j−1}``, ``Y_j = ηb + (1 − ηP)∘Z``, per group ``ΣY², ΣPY², ΣbY``,
+``f_j = max(0, 1 − ητ/‖Y_j‖)``, ``Q_j = Σ_g ½f²ΣPY² − fΣbY + τf‖Y‖ + const``; ``Y_0 = W``,
+``f_0`` = the screening mask).  The host sums the shares per tensor and applies the stop rule to
+each iteration of the chunk in order.  A tensor that stopped inside a chunk re-runs that chunk
+from its start (the chunk read ``Y`` and wrote ``Y'``, so the start is intact) up to the stopping
+iteration.  Chunk lengths come from each tensor's iteration count at the previous step (a hint:
+it changes the speed, never the result).
+
 Applies to unsharded, contiguous float32 tensors regularized by the group lasso whole or not at
 all, with ``inexact_eps0`` unset; anything else takes the torch path.
 """
@@ -18,6 +29,7 @@ import math
 import torch
 
 from ..groups import GroupLayout
+from ..solvers import SolverStats
 
 F64 = torch.float64
 MODE_EXACT, MODE_PG, MODE_FREE = 0, 1, 2
@@ -85,3 +97,96 @@ def build(opt, group, present, pg: bool):
 
 def _ptr(x) -> int:
     return 0 if x is None else x.data_ptr()
+
+
+# ----------------------------------------------------------------------------- chunked PG
+FIRST_CHUNK = 4  # iterations of a first chunk without a hint (else FIRST_SHARE of the hint)
+FIRST_SHARE = 0.6
+NEXT_CHUNK = 3
+COL_W, COL_Y, COL_Y2 = 6, 8, 9  # pointer columns of W, Y, Y'
+
+
+def group_tensor(tab) -> torch.Tensor:
+    """Per group (in the concatenated vectors): the index of its tensor."""
+    counts = [gm[1] if gm[3] >= 0 else 0 for gm in tab.geom]
+    return torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+
+
+def first_chunk(hint) -> int:
+    """The first chunk: a share of the previous step's iterations (a stop inside a chunk re-runs
+    it from its start, so it should end before the stop; later chunks are short)."""
+    return FIRST_CHUNK if hint is None else max(2, int(FIRST_SHARE * hint))
+
+
+def solve_pg_chunked(k, opt, group, tab, tau_t):
+    """PG on every regularized tensor of the table with kernel set ``k``: ``k.stage()`` →
+    per group ``(Σb², Σ(½P∘W0 − V)∘W0, max P)``; ``k.chunk(n, f, eta, src, dst)`` → per tensor
+    and iteration Q's shares (``[T][max n]``), ``f`` updated in place; ``k.spare(t)`` allocates
+    tensor t's ``Y'``; ``k.finish(f, ycol)``.  Returns (iterations, screening mask, Q) per tensor."""
+    T = len(tab.rows)
+    max_iters, rtol = group["max_iters"], group["rtol"]
+    bb, cst, pmax = k.stage()
+    tid = group_tensor(tab).to(bb.device)
+    tau = tau_t[tid]
+    act = bb.sqrt() > tau
+    eta = torch.where(act, 1.0 / pmax.to(torch.float64), torch.zeros_like(tau)).contiguous()
+    const_t = torch.zeros(T, dtype=torch.float64, device=bb.device).index_add_(
+        0, tid, cst * act).tolist()
+    f = act.to(torch.float64).contiguous()  # f_0: the warm start W with screened groups set to 0
+    hints = opt.__dict__.setdefault("_pg_chunk_hint", {})
+    names = [r[4].name if r[4] is not None else None for r in tab.rows]
+    done = [name is None for name in names]
+    iters, q_last, q_prev, ycol = [0] * T, [math.nan] * T, [math.nan] * T, [COL_Y] * T
+    pos, first, src, dst, spared = [0] * T, True, COL_W, COL_Y, False
+    while not all(done):
+        if dst == COL_Y2 and not spared:  # Y' on first need: the second chunk
+            for t in range(T):
+                if not done[t]:
+                    k.spare(t)
+            spared = True
+        want = [first_chunk(hints.get(names[t])) if first else NEXT_CHUNK for t in range(T)]
+        n = [0 if done[t] else min(max_iters - pos[t], want[t]) for t in range(T)]
+        f_start = f.clone()
+        q = k.chunk(n, f, eta, src, dst)
+        rerun = [0] * T
+        for t in range(T):
+            if done[t]:
+                continue
+            for i in range(n[t]):  # the stop rule on each iteration of the chunk, in order
+                j, qj = pos[t] + i + 1, q[t][i] + const_t[t]
+                q_prev[t], q_last[t], iters[t] = q_last[t], qj, j
+                if j >= 2 and (q_prev[t] - qj) / (abs(qj) + 1.0) < rtol:
+                    done[t], rerun[t] = True, (i + 1 if i + 1 < n[t] else 0)
+                    break
+            pos[t] += n[t]
+            ycol[t] = dst
+            done[t] = done[t] or pos[t] >= max_iters
+        if any(rerun):  # from the chunk's start up to each stopping iteration
+            f_re = f_start.clone()
+            k.chunk(rerun, f_re, eta, src, dst)
+            f = torch.where(torch.tensor([r > 0 for r in rerun], device=f.device)[tid], f_re,
+                            f).contiguous()
+        src, dst, first = dst, (COL_Y2 if dst == COL_Y else COL_Y), False
+    for t in range(T):
+        if names[t] is not None:
+            hints[names[t]] = iters[t]
+    k.finish(f, ycol)
+    return iters, act, q_last
+
+
+def record(opt, group, tab, iters, act, q) -> None:
+    """Solver statistics per regularized tensor, Ŵ (``keep_structured``) and restarts."""
+    T = len(tab.rows)
+    if any(r[4] is not None for r in tab.rows):
+        tid = group_tensor(tab).to(act.device)
+        n_act = torch.zeros(T, dtype=torch.float64, device=act.device).index_add_(
+            0, tid, act.to(torch.float64)).tolist()
+        for t, (p, w, st, z, seg, lay) in enumerate(tab.rows):
+            if seg is not None:
+                opt.last_stats[seg.name] = SolverStats(iters[t], round(n_act[t]),
+                                                       lay.groups - round(n_act[t]), math.nan,
+                                                       q[t])
+    for p, w, st, z, seg, lay in tab.rows:
+        if group["keep_structured"]:
+            opt.state[p]["structured"] = opt.view.wrap_state(p, z)
+        opt._maybe_restart(group, st, w)

@@ -102,9 +102,12 @@ class RAMDA(StructuredOptimizer):
             from ..kernels.native import ramda_native_step
             return ramda_native_step(self, group, present)
         unregularized = group["lam"] == 0 or group["regularizer"] is None
-        if path != "triton" or (group["solver"] != "exact" and not unregularized) \
-                or self.view.comm.world_size > 1 or group["regularizer"] in ("l1", "nuclear"):
+        if path != "triton" or self.view.comm.world_size > 1 \
+                or group["regularizer"] in ("l1", "nuclear"):
             return False
+        if group["solver"] != "exact" and not unregularized:
+            from ..kernels.triton_pg import ramda_pg_step
+            return ramda_pg_step(self, group, present)
         from ..kernels.exact import ramda_exact_step
         return ramda_exact_step(self, group, present)
 

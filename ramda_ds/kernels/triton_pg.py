@@ -1,0 +1,252 @@
+r"""RAMDA + PG (the paper's stop rule) as Triton launches over the per-step table.
+
+The Triton kernel set of :func:`ramda_ds.kernels.table.solve_pg_chunked`.  Every kernel runs on a
+grid ``(tensor, block of BC groups)`` over the whole table, so a step costs the same number of
+launches for 8 or 80 layers: ``_free`` (unregularized tensors: the stage, ``Ŵ = W0 − V/P`` and
+the averaging), ``_pg_stage`` (``V, U, P, b`` and per group ``Σb², Σ(½P∘W0 − V)∘W0, max P``),
+one ``_pg_chunk`` per chunk of iterations (a program runs all of its block's iterations, computing
+the soft-threshold factors and its share of Q itself) and ``_pg_finish`` (``Ŵ = f∘Y``, the
+averaging).  ``P, b, Y, Y'`` are in the tensor's own layout.  Sums accumulate in float64; results
+equal the torch path to float32 rounding (FMA contraction and summation order differ); the tests
+compare them under ``TRITON_INTERPRET=1``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import LAUNCHES, table
+from .exact import BA, BC, _cbrt, _geom, _geometry
+from ..groups import GroupLayout
+
+F64 = torch.float64
+NPTR = 10
+
+
+@triton.jit
+def _p(ptrs, t, k):
+    return tl.load(ptrs + t * 10 + k).to(tl.pointer_type(tl.float32))
+
+
+@triton.jit
+def _free(ptrs, geom, scal, BA: tl.constexpr, BC: tl.constexpr):
+    t = tl.program_id(0)
+    cb = tl.program_id(1)
+    na, sa, nc, sc, nb, sb, g0, c = _geometry(geom, t, cb, BC)
+    if cb * BC < nc:
+        gp, Vp, Up, W0p, Wp = _p(ptrs, t, 0), _p(ptrs, t, 1), _p(ptrs, t, 2), _p(ptrs, t, 3), _p(ptrs, t, 6)
+        zi = tl.load(ptrs + t * 10 + 7)
+        s = tl.load(scal + t * 4 + 0).to(tl.float32)
+        eps = tl.load(scal + t * 4 + 1).to(tl.float32)
+        w = tl.load(scal + t * 4 + 2).to(tl.float32)
+        cm = c < nc
+        for bi in range(0, nb):
+            for a0 in range(0, na, BA):
+                a = a0 + tl.arange(0, BA)
+                m = (a[:, None] < na) & cm[None, :]
+                off = bi * sb + a[:, None] * sa + c[None, :] * sc
+                g = tl.load(gp + off, mask=m, other=0.0)
+                V = tl.load(Vp + off, mask=m, other=0.0) + s * g
+                U = tl.load(Up + off, mask=m, other=0.0) + s * g * g
+                P = _cbrt(U) + eps
+                z = tl.load(W0p + off, mask=m, other=0.0) - V / P
+                tl.store(Vp + off, V, mask=m)
+                tl.store(Up + off, U, mask=m)
+                if zi != 0:
+                    tl.store(zi.to(tl.pointer_type(tl.float32)) + off, z, mask=m)
+                W = tl.load(Wp + off, mask=m, other=0.0)
+                W = tl.where(w < 0.5, W + w * (z - W), z - (z - W) * (1.0 - w))  # torch.lerp
+                tl.store(Wp + off, W, mask=m)
+
+
+@triton.jit
+def _pg_stage(ptrs, geom, scal, bb_out, cst_out, pmax_out, BA: tl.constexpr, BC: tl.constexpr):
+    t = tl.program_id(0)
+    cb = tl.program_id(1)
+    na, sa, nc, sc, nb, sb, g0, c = _geometry(geom, t, cb, BC)
+    if cb * BC < nc:
+        gp, Vp, Up, W0p, Pp, bp = (_p(ptrs, t, 0), _p(ptrs, t, 1), _p(ptrs, t, 2), _p(ptrs, t, 3),
+                                   _p(ptrs, t, 4), _p(ptrs, t, 5))
+        s = tl.load(scal + t * 4 + 0).to(tl.float32)
+        eps = tl.load(scal + t * 4 + 1).to(tl.float32)
+        cm = c < nc
+        acc = tl.zeros((BC,), dtype=tl.float64)
+        cacc = tl.zeros((BC,), dtype=tl.float64)
+        pmax = tl.full((BC,), float("-inf"), tl.float32)
+        for bi in range(0, nb):
+            for a0 in range(0, na, BA):
+                a = a0 + tl.arange(0, BA)
+                m = (a[:, None] < na) & cm[None, :]
+                off = bi * sb + a[:, None] * sa + c[None, :] * sc
+                g = tl.load(gp + off, mask=m, other=0.0)
+                V = tl.load(Vp + off, mask=m, other=0.0) + s * g
+                U = tl.load(Up + off, mask=m, other=0.0) + s * g * g
+                P = _cbrt(U) + eps
+                W0 = tl.load(W0p + off, mask=m, other=0.0)
+                b = P * W0 - V
+                tl.store(Vp + off, V, mask=m)
+                tl.store(Up + off, U, mask=m)
+                tl.store(Pp + off, P, mask=m)
+                tl.store(bp + off, b, mask=m)
+                acc += tl.sum((b * b).to(tl.float64), axis=0)
+                q = (P * 0.5 * W0 - V) * W0
+                cacc += tl.sum(q.to(tl.float64), axis=0)
+                pmax = tl.maximum(pmax, tl.max(tl.where(m, P, float("-inf")), axis=0))
+        tl.store(bb_out + g0 + c, acc, mask=cm)
+        tl.store(cst_out + g0 + c, cacc, mask=cm)
+        tl.store(pmax_out + g0 + c, pmax, mask=cm)
+
+
+@triton.jit
+def _pg_chunk(ptrs, geom, n_iter, n_max, nblk, tau_t, eta, f, src, dst, q_out,
+              BA: tl.constexpr, BC: tl.constexpr):
+    t = tl.program_id(0)
+    cb = tl.program_id(1)
+    na, sa, nc, sc, nb, sb, g0, c = _geometry(geom, t, cb, BC)
+    n = tl.load(n_iter + t)
+    if (cb * BC < nc) & (n > 0):
+        Pp, bp = _p(ptrs, t, 4), _p(ptrs, t, 5)
+        Yd = _p(ptrs, t, dst)
+        Ys0 = _p(ptrs, t, src)
+        tau = tl.load(tau_t + t)
+        cm = c < nc
+        fd = tl.load(f + g0 + c, mask=cm, other=0.0)
+        ed = tl.load(eta + g0 + c, mask=cm, other=0.0)
+        eg = ed.to(tl.float32)
+        for it in range(0, n):
+            fg = fd.to(tl.float32)
+            a1 = tl.zeros((BC,), dtype=tl.float64)
+            a2 = tl.zeros((BC,), dtype=tl.float64)
+            a3 = tl.zeros((BC,), dtype=tl.float64)
+            for bi in range(0, nb):
+                for a0 in range(0, na, BA):
+                    a = a0 + tl.arange(0, BA)
+                    m = (a[:, None] < na) & cm[None, :]
+                    off = bi * sb + a[:, None] * sa + c[None, :] * sc
+                    P = tl.load(Pp + off, mask=m, other=0.0)
+                    b = tl.load(bp + off, mask=m, other=0.0)
+                    if it == 0:
+                        Y = tl.load(Ys0 + off, mask=m, other=0.0)
+                    else:
+                        Y = tl.load(Yd + off, mask=m, other=0.0)
+                    z = Y * fg[None, :]
+                    y = b * eg[None, :] + (1.0 - P * eg[None, :]) * z
+                    tl.store(Yd + off, y, mask=m)
+                    yd = y.to(tl.float64)
+                    a1 += tl.sum(yd * yd, axis=0)
+                    a2 += tl.sum(P.to(tl.float64) * yd * yd, axis=0)
+                    a3 += tl.sum(b.to(tl.float64) * yd, axis=0)
+            nrm = tl.sqrt(a1)
+            fd = tl.maximum(1.0 - ed * tau / tl.maximum(nrm, 1e-300), 0.0)
+            qg = 0.5 * fd * fd * a2 - fd * a3 + tau * fd * nrm
+            tl.store(q_out + (t * nblk + cb) * n_max + it, tl.sum(tl.where(cm, qg, 0.0), axis=0))
+        tl.store(f + g0 + c, fd, mask=cm)
+
+
+@triton.jit
+def _pg_finish(ptrs, geom, scal, f, ycol, BA: tl.constexpr, BC: tl.constexpr):
+    t = tl.program_id(0)
+    cb = tl.program_id(1)
+    na, sa, nc, sc, nb, sb, g0, c = _geometry(geom, t, cb, BC)
+    if cb * BC < nc:
+        Yp = _p(ptrs, t, tl.load(ycol + t))
+        Wp = _p(ptrs, t, 6)
+        zi = tl.load(ptrs + t * 10 + 7)
+        w = tl.load(scal + t * 4 + 2).to(tl.float32)
+        cm = c < nc
+        fg = tl.load(f + g0 + c, mask=cm, other=0.0).to(tl.float32)
+        for bi in range(0, nb):
+            for a0 in range(0, na, BA):
+                a = a0 + tl.arange(0, BA)
+                m = (a[:, None] < na) & cm[None, :]
+                off = bi * sb + a[:, None] * sa + c[None, :] * sc
+                z = tl.load(Yp + off, mask=m, other=0.0) * fg[None, :]
+                if zi != 0:
+                    tl.store(zi.to(tl.pointer_type(tl.float32)) + off, z, mask=m)
+                W = tl.load(Wp + off, mask=m, other=0.0)
+                W = tl.where(w < 0.5, W + w * (z - W), z - (z - W) * (1.0 - w))  # torch.lerp
+                tl.store(Wp + off, W, mask=m)
+
+
+class _Kernels:
+    """The Triton kernels bound to one step's table (see :func:`table.solve_pg_chunked`)."""
+
+    def __init__(self, tab, dev):
+        self.tab, self.dev = tab, dev
+        geo = []
+        for (R, C, K, goff), row in zip(tab.geom, tab.rows):
+            lay = row[5] if goff >= 0 else GroupLayout(1, C, 1)
+            geo.append(list(_geom(lay)) + [max(goff, 0)])
+        self.ptrs = torch.tensor(tab.ptrs, dtype=torch.int64, device=dev)
+        self.geom = torch.tensor(geo, dtype=torch.int64, device=dev)
+        self.scal = torch.tensor(tab.scal, dtype=F64, device=dev)
+        self.tau_t = torch.tensor(tab.taus, dtype=F64, device=dev)
+        reg = [goff >= 0 for _, _, _, goff in tab.geom]
+        self.nblk = max(1, max(triton.cdiv(g[2], BC) for g in geo))
+        self.grid = (len(geo), self.nblk)
+        self.reg = torch.tensor(reg, device=dev)
+        self.spares = []
+
+    def free(self):
+        if not bool(self.reg.all()):  # the unregularized tensors
+            geom = self.geom.clone()
+            geom[self.reg, 2] = 0  # no blocks for the regularized ones
+            LAUNCHES[0] += 1
+            _free[self.grid](self.ptrs, geom, self.scal, BA=BA, BC=BC)
+
+    def stage(self):
+        G = max(self.tab.G, 1)
+        bb, cst = torch.zeros(G, dtype=F64, device=self.dev), torch.zeros(G, dtype=F64, device=self.dev)
+        pmax = torch.zeros(G, device=self.dev)
+        geom = self._reg_geom()
+        LAUNCHES[0] += 1
+        _pg_stage[self.grid](self.ptrs, geom, self.scal, bb, cst, pmax, BA=BA, BC=BC)
+        G = self.tab.G
+        return bb[:G], cst[:G], pmax[:G]
+
+    def _reg_geom(self):
+        geom = self.geom.clone()
+        geom[~self.reg, 2] = 0
+        return geom
+
+    def spare(self, t):
+        self.spares.append(torch.empty_like(self.tab.rows[t][1]))
+        self.ptrs[t, table.COL_Y2] = self.spares[-1].data_ptr()
+
+    def chunk(self, n, f, eta, src, dst):
+        n_max, T = max(n), len(self.tab.rows)
+        q_out = torch.zeros(T * self.nblk * n_max, dtype=F64, device=self.dev)
+        n_t = torch.tensor(n, dtype=torch.int32, device=self.dev)
+        LAUNCHES[0] += 1
+        _pg_chunk[self.grid](self.ptrs, self._reg_geom(), n_t, n_max, self.nblk, self.tau_t, eta,
+                             f, src, dst, q_out, BA=BA, BC=BC)
+        return q_out.view(T, self.nblk, n_max).sum(1).tolist()
+
+    def finish(self, f, ycol):
+        yc = torch.tensor(ycol, dtype=torch.int64, device=self.dev)
+        LAUNCHES[0] += 1
+        _pg_finish[self.grid](self.ptrs, self._reg_geom(), self.scal, f, yc, BA=BA, BC=BC)
+
+
+def ramda_pg_step(opt, group, present) -> bool:
+    """One RAMDA step of ``group`` with PG on the Triton kernels; False if it does not apply."""
+    if not table.eligible(opt, group):
+        return False
+    tab = table.build(opt, group, present, pg=True)
+    if tab is None:
+        return False
+    if not tab.rows:
+        return True
+    dev = tab.rows[0][1].device
+    k = _Kernels(tab, dev)
+    k.free()
+    T = len(tab.rows)
+    iters, act, q = [0] * T, torch.zeros(0, dtype=torch.bool, device=dev), [math.nan] * T
+    if any(r[4] is not None for r in tab.rows):
+        iters, act, q = table.solve_pg_chunked(k, opt, group, tab, k.tau_t)
+    table.record(opt, group, tab, iters, act, q)
+    return True
