@@ -15,7 +15,8 @@ Prints, measured in this one run:
   and, when ``triton`` is installed, once for the Triton path (run by the interpreter on CPU);
 * the issue's targets and whether this run meets them.
 
-    python bench/optimizer_step.py                      # ~2-3 min on 2 busy CPU cores
+    python bench/optimizer_step.py                      # ~15 min on 2 CPU cores (op counts: ~10)
+    python bench/optimizer_step.py --no-count           # ~3 min: the timings only
     python bench/optimizer_step.py --blocks 16 --d-model 1024 --steps 5 --device cuda
 """
 
@@ -161,6 +162,7 @@ def main():
                     "(default all; AdamW(foreach) is always the reference)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
+    started = time.perf_counter()
     device = torch.device(args.device)
     torch.manual_seed(0)
     base = transformer_like(args.blocks, args.d_model, device)
@@ -255,6 +257,7 @@ def main():
         if name.startswith("RAMDA") and (path == "triton" or not kernels.triton_version()):
             print(f"  ops growth 8->32 blocks, {path} path, {name:16s} {g:.2f}x  target <= 1.5x: "
                   f"{'met' if g <= 1.5 else 'NOT met'}")
+    print(f"\n({time.perf_counter() - started:.0f} s)")
 
 
 def _with(opt, kw):

@@ -32,6 +32,7 @@ class Args:
     train_file: str
     lam: float = 1e-4
     momentum: float = 0.1  # the paper's c; 1: W = Ŵ, exactly sparse at every step
+    backend: str = "torch"  # RAMDA's step kernels: torch | auto | native | triton (README: Fast step)
     block_size: int = 64
 
 
@@ -49,7 +50,7 @@ def main():
     data = [dict(input_ids=b, labels=b) for b in blocks]
     trainer = RamdaTrainer(model=model, args=targs, train_dataset=data,
                            data_collator=default_data_collator,
-                           ramda=RamdaConfig(lam=a.lam, momentum=a.momentum))
+                           ramda=RamdaConfig(lam=a.lam, momentum=a.momentum, backend=a.backend))
     trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
     trainer.save_model()
     trainer.accelerator.wait_for_everyone()  # every rank is done before any process ends

@@ -410,6 +410,8 @@ def parse(argv):
     (["--momentum", "0.9"], r"looks like torch/MADGRAD.s convention .* pass c=0.1"),
     (["--grad_clip", "-1"], "grad_clip must be >= 0"),
     (["--solver", "newton"], "solver must be pg or exact"),
+    (["--backend", "cuda"], r"backend must be one of \('auto', 'torch', 'triton', 'native'\)"),
+    (["--backend", "native", "--optimizer", "adamw"], "applies to RAMDA's step only"),
     (["--preset", "huge"], "preset must be tiny or base"),
     (["--vocab_size", "2"], "vocab_size must be >= 8"),
 ])

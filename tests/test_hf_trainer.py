@@ -56,6 +56,8 @@ class Runs:
 
     LAUNCH = {
         "ref": lambda: [sys.executable, EXAMPLE, "--use_cpu", "--per_device_train_batch_size", "4"],
+        "native": lambda: [sys.executable, EXAMPLE, "--use_cpu", "--per_device_train_batch_size", "4",
+                           "--backend", "auto"],
         "resumed": lambda: [sys.executable, EXAMPLE, "--use_cpu", "--per_device_train_batch_size",
                             "4", "--resume_from_checkpoint", "ref/checkpoint-2"],
         # 1 sample × 2 accumulated micro-batches × 2 ranks
@@ -167,6 +169,14 @@ def test_one_process_trains_logs_and_checkpoints_in_ramda_format(runs):
     meta = json.loads((ck / "ramda_ds_trainer.json").read_text())
     assert meta["optimizer"] == "RAMDA" and meta["step"] == 4 and meta["world_size"] == 1
     assert meta["base_model"] == str((runs.d / "llama").resolve())
+
+
+def test_native_kernels_give_the_same_run(runs):
+    """``--backend auto`` on CPU: RAMDA's step on the C kernels, the run of the torch step."""
+    ref, native = runs.get("ref"), runs.get("native")
+    assert setup(ref)["step_kernels"] == "torch" and setup(native)["step_kernels"] == "native"
+    assert setup(native)["config"]["backend"] == "auto"
+    assert_same_run(ref, native, rtol=1e-6)
 
 
 def test_trainer_checkpoint_resumed_equals_uninterrupted(runs):

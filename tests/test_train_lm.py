@@ -54,13 +54,30 @@ def test_deepspeed_zero2_two_processes_through_accelerate(tmp_path):
     out = tmp_path / "o"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage",
            "2", "--num_processes", "2", "--main_process_port", str(free_port()), SCRIPT, *FAST,
-           "--grad_accum", "2", "--output_dir", str(out)]
+           "--grad_accum", "2", "--backend", "auto", "--output_dir", str(out)]
     p = run(cmd, tmp_path)
     assert p.returncode == 0, p.stderr[-4000:]
     setup = rows(out)[0]
     assert setup["distributed_type"] == "DEEPSPEED" and setup["view"] == "ZeroFlatView"
     assert setup["backend"] == "deepspeed-zero2"
+    assert setup["step_kernels"].startswith("torch (the kernels need whole tensors")
     assert setup["world_size"] == 2 and learned(out)
+
+
+def test_native_kernels_give_the_torch_runs_numbers(tmp_path):
+    """--backend auto on CPU (the C kernels) against the default torch step: the same run."""
+    runs = {}
+    for backend in ("torch", "auto"):
+        out = tmp_path / backend
+        p = run([sys.executable, SCRIPT, *FAST, "--steps", "12", "--milestones", "8",
+                 "--backend", backend, "--output_dir", str(out)], tmp_path)
+        assert p.returncode == 0, p.stderr[-3000:]
+        runs[backend] = rows(out)
+    assert runs["torch"][0]["step_kernels"] == "torch" and runs["auto"][0]["step_kernels"] == "native"
+    for a, b in zip(runs["torch"][1:], runs["auto"][1:]):
+        for key in ("valid_ppl_W", "valid_ppl_structured", "wgs_W", "loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-6), key
 
 
 def learned(out) -> bool:
@@ -87,12 +104,13 @@ def test_ddp_config_two_processes(tmp_path):
     out = tmp_path / "o"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "configs" / "accelerate" / "ddp.yaml"), "--main_process_port",
-           str(free_port()), SCRIPT, *FAST, "--output_dir", str(out)]
+           str(free_port()), SCRIPT, *FAST, "--backend", "auto", "--output_dir", str(out)]
     p = run(cmd, tmp_path, env={"ACCELERATE_USE_CPU": "true"})
     assert p.returncode == 0, p.stderr[-4000:]
     setup = rows(out)[0]
     assert setup["distributed_type"] == "MULTI_CPU" and setup["view"] == "Unsharded"
     assert setup["backend"] == "ddp"
+    assert setup["step_kernels"] == "native"  # DDP ranks hold whole tensors: the C kernels run
     assert setup["world_size"] == 2 and learned(out)
 
 

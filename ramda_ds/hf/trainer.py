@@ -116,14 +116,18 @@ class RamdaMixin:
         return model, dl
 
     def _write_setup(self, model) -> None:
-        """``output_dir/ramda_ds_setup.json``: what actually ran (view, sharding, world size)."""
+        """``output_dir/ramda_ds_setup.json``: what actually ran (view, sharding, world size, the
+        kernels of RAMDA's step)."""
         import json
+
+        from ..training.launch import step_kernels
 
         setup = dict(view=type(self.ramda_view).__name__, world_size=self.args.world_size,
                      distributed_type=self.accelerator.distributed_type.name,
                      optimizer=type(self.ramda_optimizer).__name__, config=asdict(self.ramda),
                      dtensor_params=sum(type(p).__name__ == "DTensor" for p in model.parameters()),
-                     partitioned_at_load=self._partitioned_at_load)
+                     partitioned_at_load=self._partitioned_at_load,
+                     step_kernels=step_kernels(self.ramda_optimizer))
         logger.info("ramda_ds setup: %s", setup)
         if self.args.should_save:
             os.makedirs(self.args.output_dir, exist_ok=True)

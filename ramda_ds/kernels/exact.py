@@ -226,13 +226,12 @@ def ramda_exact_step(opt, group, present, max_iters: int = 50) -> bool:
     hi = torch.where(act, tau * pmax.to(F64) / excess, 0.0)
     lo0, hi0 = lo, hi
     warm = opt.__dict__.setdefault("_warm_mu", {}) if group.get("warm_start") else None
-    keys = [(m[4].name, 0, m[1].numel()) if m[4] is not None else None for m in stats_meta]
-    if warm is not None:  # where each group's root sat in its bracket last step (1: the end)
-        pos = [warm.get(k) if k is not None else None for k in keys]
-        pos = [q if q is not None and q.numel() == m[5].groups else torch.ones(m[5].groups, device=dev, dtype=F64)
-               for q, m in zip(pos, stats_meta)]
-        mu = torch.lerp(lo, hi, torch.cat(pos).clamp(0.0, 1.0))
-    else:
+    # one position vector per table (the same tensors in the same order: one op, not one per tensor)
+    key = tuple((m[4].name if m[4] is not None else None, m[5].groups) for m in stats_meta)
+    last = warm.get(key) if warm is not None else None
+    if last is not None and last.numel() == G:  # where each root sat in its bracket last step
+        mu = torch.lerp(lo, hi, last.clamp(0.0, 1.0))
+    else:  # cold: the bracket's upper end
         mu = hi.clone()
     tol = 8 * torch.finfo(torch.float32).eps
     live_t = tau_t > 0
@@ -259,10 +258,7 @@ def ramda_exact_step(opt, group, present, max_iters: int = 50) -> bool:
         live_t = torch.tensor([cv is None for cv in conv_at], device=dev)
     _launch(_finish, grid, ptrs, geom, scal, mu, act.to(torch.float32))
     if warm is not None:
-        pos = ((mu - lo0) / (hi0 - lo0)).nan_to_num_(1.0, 1.0, 1.0)
-        for k, part in zip(keys, pos.split([m[5].groups for m in stats_meta])):
-            if k is not None:
-                warm[k] = part
+        warm[key] = ((mu - lo0) / (hi0 - lo0)).nan_to_num_(1.0, 1.0, 1.0)
     n_act = torch.zeros(T, dtype=F64, device=dev).index_add_(0, tid, act.to(F64)).tolist()
     for j, (p, w, st, z, seg, lay, _) in enumerate(stats_meta):
         n = lay.groups
