@@ -176,3 +176,88 @@ def test_concurrent_first_use_compiles_once_and_both_load(tmp_path):
     assert all(o[0].startswith("True") for o in outs)
     libs = list(tmp_path.rglob("*.so"))
     assert len(libs) == 1 and not list(tmp_path.rglob("*.tmp"))  # no half-written file left
+
+
+def _wide_run(backend, solver="pg", steps=4, threads=None):
+    """Tensors split into several work items: columns (K = 1) over 2 and 3 items, rows
+    ('output' of a [9000, 8] weight: R = 1, K = 8) over 3, so per-item Q shares, per-item Newton
+    stops and the split over threads are exercised."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 2048), nn.Tanh(), nn.Linear(2048, 9000), nn.Tanh(),
+                        nn.Linear(9000, 8), nn.Linear(8, 9000, bias=False))
+    groups = build_param_groups(net, "group_lasso", lam=2e-3, grouping={"5.weight": "output"})
+    opt = RAMDA(groups, lr=0.02, c=0.5, solver=solver, backend=backend)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        for p in net.parameters():
+            p.grad = torch.randn(p.shape, generator=g) * 1e-2
+        t = torch.get_num_threads()
+        torch.set_num_threads(threads or t)
+        try:
+            opt.step()
+        finally:
+            torch.set_num_threads(t)
+    return net, {k: (v.iterations, v.active_groups) for k, v in opt.last_stats.items()}
+
+
+@pytest.mark.parametrize("solver", ["pg", "exact"])
+def test_tensors_over_many_work_items_match_torch_and_any_thread_count(solver):
+    from ramda_ds.kernels.native import _items
+
+    geo = [[2048, 64, 1, 0], [8, 9000, 1, 0], [1, 9000, 8, 0]]  # [R, C, K] of three of the weights
+    assert [len(_items(geo, [t])[0]) for t in range(3)] == [2, 3, 3]
+    ref_net, ref_stats = _wide_run("torch", solver)
+    net, stats = _wide_run("native", solver, threads=2)
+    one_net, _ = _wide_run("native", solver, threads=1)
+    assert stats == ref_stats
+    assert any(a > 0 for _, a in stats.values())
+    for a, b, c in zip(ref_net.parameters(), net.parameters(), one_net.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-8)
+        assert torch.equal(b, c)  # every group lies in one item: the thread split changes no bit
+
+
+def test_a_tensor_the_kernels_cannot_take_runs_on_torch_beside_the_others():
+    """A channels_last conv and a float64-state tensor (a float64 checkpoint loaded into a float32
+    model keeps float64 V/U/W0) take the torch path; the rest of their groups the kernels."""
+    from ramda_ds.optim.ramda import kernel_plan
+
+    def make(backend):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, 4, 3).to(memory_format=torch.channels_last),
+                            nn.Flatten(), nn.Linear(16, 5), nn.Linear(5, 3))
+        opt = RAMDA(build_param_groups(net, "group_lasso", lam=1e-2), lr=0.05, c=0.3,
+                    backend=backend)
+        return net, opt
+
+    net64 = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, 5), nn.Linear(5, 3)).double()
+    o64 = RAMDA(build_param_groups(net64, "group_lasso", lam=1e-2), lr=0.05, c=0.3)
+    for p in net64.parameters():
+        p.grad = torch.ones_like(p) * 1e-2
+    o64.step()
+    sd = o64.state_dict()
+    for st in sd["state"].values():  # only the last Linear keeps float64 state
+        st.update({k: v.float() for k, v in st.items() if torch.is_tensor(v) and v.dim() > 0})
+    order = [p for g in o64.param_groups for p in g["params"]]  # state_dict's numbering
+    last = [id(p) for p in order].index(id(net64[3].weight))
+    sd["state"][last].update({k: sd["state"][last][k].double() for k in ("grad_sum", "grad_sq_sum", "initial")})
+    runs = []
+    for backend in ("torch", "native"):
+        net, opt = make(backend)
+        opt.load_state_dict(copy.deepcopy(sd))  # (torch's load keeps the given tensors: no sharing)
+        assert [g["backend"] for g in opt.param_groups] == [backend] * len(opt.param_groups)
+        if backend == "native":
+            plan = kernel_plan(opt)
+            assert plan.startswith("native for 4 tensors; torch for 2 tensors") and "channels_last" in plan
+            from ramda_ds.optim.ramda import _tensor_paths
+            whys = [w for g in opt.param_groups for _, w in _tensor_paths(opt, g) if w]
+            assert any("3.weight: state grad_sum is torch.float64" in w for w in whys), whys
+        g = torch.Generator().manual_seed(1)
+        before = native.CALLS[0]
+        for _ in range(3):
+            for p in net.parameters():
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        assert (native.CALLS[0] > before) == (backend == "native")
+        runs.append(net)
+    for a, b in zip(*(n.parameters() for n in runs)):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-8)

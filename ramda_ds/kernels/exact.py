@@ -1,7 +1,7 @@
 r"""RAMDA + exact solver as a few Triton launches for all tensors of a param group.
 
 A per-step table lists every tensor (pointers to g, V, U, W0, P, b, W, Ŵ; its ``[R, C, K]``
-geometry; s, ε, c, τ).  Every kernel runs on a grid ``(tensor, block of BC groups)`` over the
+geometry; s, ε, c, τ).  Every kernel runs on a grid ``(block of BC groups, tensor)`` over the
 whole table, so a step costs the same number of launches for 8 or 80 layers:
 
 1. ``_stage``: ``V += s·g; U += s·g²; P = ∛U + ε; b = P∘W0 − V`` (stored) and per group
@@ -71,8 +71,8 @@ def _ptr(ptrs, t, k):
 
 @triton.jit
 def _stage(ptrs, geom, scal, bb_out, pmax_out, pmin_out, BA: tl.constexpr, BC: tl.constexpr):
-    t = tl.program_id(0)
-    cb = tl.program_id(1)
+    cb = tl.program_id(0)  # blocks on grid x (up to 2^31 − 1; y and z stop at 65535)
+    t = tl.program_id(1)
     na, sa, nc, sc, nb, sb, g0, c = _geometry(geom, t, cb, BC)
     if cb * BC < nc:
         gp, Vp, Up, W0p, Pp, bp = (_ptr(ptrs, t, 0), _ptr(ptrs, t, 1), _ptr(ptrs, t, 2),
@@ -107,8 +107,8 @@ def _stage(ptrs, geom, scal, bb_out, pmax_out, pmin_out, BA: tl.constexpr, BC: t
 
 @triton.jit
 def _newton(ptrs, geom, mu, z2_out, z3_out, BA: tl.constexpr, BC: tl.constexpr):
-    t = tl.program_id(0)
-    cb = tl.program_id(1)
+    cb = tl.program_id(0)  # blocks on grid x (up to 2^31 − 1; y and z stop at 65535)
+    t = tl.program_id(1)
     na, sa, nc, sc, nb, sb, g0, c = _geometry(geom, t, cb, BC)
     if cb * BC < nc:
         Pp, bp = _ptr(ptrs, t, 4), _ptr(ptrs, t, 5)
@@ -133,8 +133,8 @@ def _newton(ptrs, geom, mu, z2_out, z3_out, BA: tl.constexpr, BC: tl.constexpr):
 
 @triton.jit
 def _finish(ptrs, geom, scal, mu, act, BA: tl.constexpr, BC: tl.constexpr):
-    t = tl.program_id(0)
-    cb = tl.program_id(1)
+    cb = tl.program_id(0)  # blocks on grid x (up to 2^31 − 1; y and z stop at 65535)
+    t = tl.program_id(1)
     na, sa, nc, sc, nb, sb, g0, c = _geometry(geom, t, cb, BC)
     if cb * BC < nc:
         Pp, bp, Wp, Zp = _ptr(ptrs, t, 4), _ptr(ptrs, t, 5), _ptr(ptrs, t, 6), _ptr(ptrs, t, 7)
@@ -211,7 +211,7 @@ def ramda_exact_step(opt, group, present, max_iters: int = 50) -> bool:
     ptrs = torch.tensor(ptrs, dtype=torch.int64, device=dev)
     geom = torch.tensor(geom, dtype=torch.int64, device=dev)
     scal = torch.tensor(scal, dtype=torch.float32, device=dev)
-    grid = (T, max(triton.cdiv(gm[2], BC) for gm in geom.tolist()))
+    grid = (max(triton.cdiv(gm[2], BC) for gm in geom.tolist()), T)  # (blocks, tensors)
     tid = torch.repeat_interleave(torch.arange(T, device=dev),
                                   torch.tensor([m[5].groups for m in stats_meta], device=dev))
     tau_t = torch.tensor(taus, dtype=F64, device=dev)

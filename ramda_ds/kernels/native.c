@@ -49,9 +49,9 @@ static inline float cbrt_pi(float x) {
 #define F(t, k) ((float *)(intptr_t)ptrs[(t) * NPTR + (k)])
 
 /* visit every element of the item's groups [c0, c1): the code sees i (flat index in the tensor)
- * and j (group - c0).  K == 1 (columns of a row-major matrix): strips of STRIP groups, rows
- * outermost, so each strip's per-group accumulators stay in registers and the loop runs SIMD over
- * groups.  K > 1: one group at a time, its rows and inner elements. */
+ * and j (group - c0).  K == 1 (columns of a row-major matrix): rows outermost, groups innermost,
+ * so the inner loop runs SIMD over groups, each lane its own group's accumulator (ivdep: no
+ * loop-carried dependency).  K > 1: one group at a time, its rows and inner elements. */
 #define FOR_ELEMENTS(...)                                                                   \
     if (K == 1) {                                                                           \
         for (int64_t r = 0; r < R; r++) {                                                   \
@@ -66,8 +66,7 @@ static inline float cbrt_pi(float x) {
         for (int64_t j = 0; j < nw; j++)                                                    \
             for (int64_t r = 0; r < R; r++) {                                               \
                 const int64_t base = r * C * K + (c0 + j) * K;                              \
-                _Pragma("GCC ivdep")                                                        \
-                for (int64_t k = 0; k < K; k++) {                                           \
+                for (int64_t k = 0; k < K; k++) { /* a reduction into a[j]: no ivdep */     \
                     const int64_t i = base + k;                                             \
                     __VA_ARGS__                                                             \
                 }                                                                           \
@@ -93,8 +92,7 @@ static inline float cbrt_pi(float x) {
         }                                                                                   \
     } else {                                                                                \
         for (int64_t j = 0; j < nw; j++)                                                    \
-            _Pragma("GCC ivdep")                                                            \
-            for (int64_t q = 0; q < R * K; q++) {                                           \
+            for (int64_t q = 0; q < R * K; q++) { /* a reduction: no ivdep */               \
                 const int64_t ip = j * R * K + q;                                           \
                 __VA_ARGS__                                                                 \
             }                                                                               \
@@ -167,10 +165,11 @@ void ramda_free(const int64_t *ptrs, const int64_t *geom, const double *scal, co
  * (as ramda_ds.solvers.solve_exact, per item instead of per tensor), Z = b/(P + mu) on surviving
  * groups, W <- lerp(W, Z, c).  pos_in (or NULL: cold, start at the bracket's upper end) and pos_out:
  * each group's root position (mu - lo)/(hi - lo); act_out: the screening mask; passes_out: Newton
- * passes per item. */
-void ramda_exact(const int64_t *ptrs, const int64_t *geom, const double *scal, const int64_t *items,
-                 int64_t i0, int64_t i1, const double *tau_t, const double *pos_in, double *pos_out,
-                 float *act_out, int32_t *passes_out, int max_iters, double tol) {
+ * passes per item.  Returns 1 if the scratch could not be allocated (items from the failing one on
+ * are untouched), else 0. */
+int ramda_exact(const int64_t *ptrs, const int64_t *geom, const double *scal, const int64_t *items,
+                int64_t i0, int64_t i1, const double *tau_t, const double *pos_in, double *pos_out,
+                float *act_out, int32_t *passes_out, int max_iters, double tol) {
     double a2[MAXW], a3[MAXW], mu[MAXW], lo[MAXW], hi[MAXW], lo0[MAXW], hi0[MAXW];
     float mx[MAXW], mn[MAXW], m[MAXW], ga[MAXW];
     for (int64_t it = i0; it < i1; it++) {
@@ -180,8 +179,9 @@ void ramda_exact(const int64_t *ptrs, const int64_t *geom, const double *scal, c
         float *W = Wt;
         const double tau = tau_t[t];
         const int64_t n = R * K * nw;
-        float *P = scratch_for(2 * n), *b = P + n; /* the item's P, b, packed: they stay in cache */
-        if (!P) return;
+        float *P = scratch_for(2 * n); /* the item's P, b, packed: they stay in cache */
+        if (!P) return 1;              /* nothing of this item changed: the caller raises */
+        float *b = P + n;
         for (int64_t j = 0; j < nw; j++) { a2[j] = 0.0; mx[j] = -__builtin_inff(); mn[j] = __builtin_inff(); }
         FOR_ELEMENTS({
             STAGE_ELEMENT
@@ -247,6 +247,7 @@ void ramda_exact(const int64_t *ptrs, const int64_t *geom, const double *scal, c
         })
         passes_out[it] = passes;
     }
+    return 0;
 }
 
 /* PG's stage: the elementwise stage into P, b (item-packed) and per group sum b^2, max P and

@@ -39,8 +39,12 @@ _POOL: list = []
 _OK: dict = {}
 
 
-def _pool(n):
+def _pool():
+    """One pool of torch.get_num_threads() workers (each keeps its C scratch for its lifetime)."""
+    n = max(1, torch.get_num_threads())
     if not _POOL or _POOL[0][0] != n:
+        if _POOL:
+            _POOL[0][1].shutdown(wait=True)
         _POOL[:] = [(n, ThreadPoolExecutor(max_workers=n, thread_name_prefix="ramda_native"))]
     return _POOL[0][1]
 
@@ -70,7 +74,21 @@ def _split(sizes, n):
     return [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
+_ITEMS: dict = {}  # (geometries, rows, threads) -> _Items: a param group's table repeats each step
+
+
+def _items_for(geom, rows) -> "_Items":
+    key = (tuple(map(tuple, geom)), tuple(rows), torch.get_num_threads())
+    if key not in _ITEMS:
+        if len(_ITEMS) > 64:
+            _ITEMS.clear()
+        _ITEMS[key] = _Items(geom, rows)
+    return _ITEMS[key]
+
+
 class _Items:
+    """The work items of some tensors of a table, and their split over the threads."""
+
     def __init__(self, geom, rows):
         items, sizes = _items(geom, rows)
         self.n, self.sizes = len(items), sizes
@@ -92,30 +110,28 @@ def _run(fn, head, items: _Items, *args, ranges=None):
     CALLS[0] += 1
     ranges = ranges or items.ranges
     if len(ranges) == 1:
-        fn(*head, items.buf.data_ptr(), *ranges[0], *args)
-        return
-    futs = [_pool(len(ranges)).submit(fn, *head, items.buf.data_ptr(), a, b, *args)
-            for a, b in ranges]
-    for fu in futs:
-        fu.result()
+        status = [fn(*head, items.buf.data_ptr(), *ranges[0], *args)]
+    else:
+        futs = [_pool().submit(fn, *head, items.buf.data_ptr(), a, b, *args) for a, b in ranges]
+        status = [fu.result() for fu in futs]
+    if any(status):  # only ramda_exact returns one: its scratch could not be allocated
+        raise MemoryError(f"{fn.__name__}: no memory for the per-thread scratch")
 
 
 def _p(x):
     return 0 if x is None else x.data_ptr()
 
 
-def ramda_native_step(opt, group, present) -> bool:
-    """One RAMDA step of ``group`` on the CPU kernels; False (nothing done) if it does not apply."""
+def ramda_native_step(opt, group, present) -> set:
+    """One RAMDA step of the tensors of ``group`` the CPU kernels take; returns their ids."""
     from .native_build import load
 
     if not table.eligible(opt, group):
-        return False
+        return set()
     pg = group["solver"] != "exact"
-    tab = table.build(opt, group, present, pg)
-    if tab is None:
-        return False
+    tab = table.build(opt, group, present, pg, device_type="cpu")
     if not tab.rows:
-        return True
+        return set()
     k = _Kernels(load(), tab)
     k.free()
     tau_t = torch.tensor(tab.taus, dtype=F64)
@@ -127,7 +143,7 @@ def ramda_native_step(opt, group, present) -> bool:
         else:
             iters, act = _exact(opt, group, k, tab, tau_t)
     table.record(opt, group, tab, iters, act, q)
-    return True
+    return tab.handled
 
 
 class _Kernels:
@@ -138,8 +154,8 @@ class _Kernels:
         self.ptrs = torch.tensor(tab.ptrs, dtype=torch.int64)
         self.geom = torch.tensor(tab.geom, dtype=torch.int64)
         self.scal = torch.tensor(tab.scal, dtype=F64)
-        self.items = _Items(tab.geom, [t for t, r in enumerate(tab.rows) if r[4] is not None])
-        self.free_items = _Items(tab.geom, [t for t, r in enumerate(tab.rows) if r[4] is None])
+        self.items = _items_for(tab.geom, [t for t, r in enumerate(tab.rows) if r[4] is not None])
+        self.free_items = _items_for(tab.geom, [t for t, r in enumerate(tab.rows) if r[4] is None])
         self.head = (self.ptrs.data_ptr(), self.geom.data_ptr())
         self.head3 = self.head + (self.scal.data_ptr(),)
         self.spares = []

@@ -56,7 +56,17 @@ def cache_dir() -> Path:
             return home
     except OSError:
         pass
-    return Path(tempfile.gettempdir()) / f"ramda_ds-{os.getuid()}"
+    return _private_dir(Path(tempfile.gettempdir()) / f"ramda_ds-{os.getuid()}")
+
+
+def _private_dir(d: Path) -> Path:
+    """``d`` created 0700, and refused unless this user owns it and nobody else can write to it
+    (a shared temp dir: another user must not plant a library there)."""
+    d.mkdir(mode=0o700, exist_ok=True)
+    st = d.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise NativeUnavailable(f"{d} is not a private directory of this user; set RAMDA_DS_CACHE")
+    return d
 
 
 def has_compiler() -> bool:
@@ -119,6 +129,6 @@ def load() -> ctypes.CDLL:
         }
         for name, args in sigs.items():
             fn = getattr(lib, name)
-            fn.argtypes, fn.restype = args, None
+            fn.argtypes, fn.restype = args, (ctypes.c_int if name == "ramda_exact" else None)
         _LIB.append(lib)
     return _LIB[0]

@@ -51,22 +51,52 @@ class Table:
         self.taus, self.G, self._keep = taus, G, keep  # _keep: buffers the pointers refer to
 
 
-def build(opt, group, present, pg: bool):
-    """The table for one step of ``group`` (advancing each tensor's step and α), or None (and
-    nothing changed) when a tensor does not qualify."""
-    from ..optim.base import group_tau, is_regularized
+def why_not(opt, group, k, p, w, device_type: str | None = None) -> str | None:
+    """Why tensor ``p`` (its flat local ``w``) cannot take a table step, or None if it can.
 
-    todo = []
-    for k, p, w, g in opt._params(group, present):  # check everything before changing anything
-        segs = opt._segments(group, p, k)
-        reg = [s for s in segs if is_regularized(group, s)]
-        whole = (len(segs) == 1 and segs[0].span is None and segs[0].lo == 0
-                 and segs[0].hi == w.numel())
-        if (p.dtype != torch.float32 or not w.is_contiguous() or w.data_ptr() != p.data_ptr()
-                or g.dtype != torch.float32 or g.device != w.device or not (whole or not reg)
-                or (reg and (reg[0].groups.group_lo != 0 or len(reg[0].groups.pieces) != 1))):
-            return None
-        todo.append((p, w, g.contiguous(), reg[0] if reg else None))
+    Also checks the optimizer state that already exists: a float64 checkpoint loaded into a
+    float32 model keeps float64 V/U/W0, which a float32 kernel must not read."""
+    from ..optim.base import is_regularized
+
+    if p.dtype != torch.float32:
+        return f"param dtype {p.dtype}"
+    if not w.is_contiguous() or w.data_ptr() != p.data_ptr():
+        return "not a contiguous row-major tensor (e.g. channels_last)"
+    if device_type is not None and w.device.type != device_type:
+        return f"on {w.device}, not {device_type}"
+    segs = opt._segments(group, p, k)
+    reg = [s for s in segs if is_regularized(group, s)]
+    whole = (len(segs) == 1 and segs[0].span is None and segs[0].lo == 0
+             and segs[0].hi == w.numel())
+    if reg and not (whole and reg[0].groups.group_lo == 0 and len(reg[0].groups.pieces) == 1):
+        return "regularized only in part, or sharded"
+    st = opt.state.get(p) or {}
+    for key in ("grad_sum", "grad_sq_sum", "initial"):
+        t = st.get(key)
+        if t is not None and (not torch.is_tensor(t) or t.dtype != torch.float32
+                              or not t.is_contiguous() or t.device != w.device
+                              or t.numel() != w.numel()):
+            return f"state {key} is {getattr(t, 'dtype', type(t).__name__)}, not float32 like the param"
+    return None
+
+
+def build(opt, group, present, pg: bool, device_type: str | None = None):
+    """The table for one step of the tensors of ``group`` that qualify (:func:`why_not`; on the
+    first one's device, of type ``device_type`` when given), advancing their step and α.  The
+    others are left untouched for the torch path: ``table.handled`` are the ids taken."""
+    todo, first = [], None
+    n_writeback = len(opt._writeback)
+    for k, p, w, g in opt._params(group, present):  # decide everything before changing anything
+        first = w.device if first is None else first
+        if (why_not(opt, group, k, p, w, device_type) is not None or w.device != first
+                or g.dtype != torch.float32 or g.device != w.device):
+            continue
+        segs = [s for s in opt._segments(group, p, k) if _regularized(group, s)]
+        todo.append((p, w, g.contiguous(), segs[0] if segs else None))
+    del opt._writeback[n_writeback:]  # only rejected (non-contiguous) tensors add entries: the
+    #                                   torch path collects them again
+    from ..optim.base import group_tau
+
     rows, ptrs, geom, scal, taus, keep, goff = [], [], [], [], [], [], 0
     for p, w, g, seg in todo:
         st = opt.local_state(p, w)
@@ -92,7 +122,15 @@ def build(opt, group, present, pg: bool):
         scal.append([s, opt._decayed(group, "eps", stage), opt._c(group, stage, i), float(mode)])
         rows.append((p, w, st, z, seg, lay))
         keep.append((g, P, b, Y))
-    return Table(rows, ptrs, geom, scal, taus, goff, keep)
+    tab = Table(rows, ptrs, geom, scal, taus, goff, keep)
+    tab.handled = {id(r[0]) for r in rows}
+    return tab
+
+
+def _regularized(group, seg) -> bool:
+    from ..optim.base import is_regularized
+
+    return is_regularized(group, seg)
 
 
 def _ptr(x) -> int:

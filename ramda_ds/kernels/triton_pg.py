@@ -1,7 +1,7 @@
 r"""RAMDA + PG (the paper's stop rule) as Triton launches over the per-step table.
 
 The Triton kernel set of :func:`ramda_ds.kernels.table.solve_pg_chunked`.  Every kernel runs on a
-grid ``(tensor, block of BC groups)`` over the whole table, so a step costs the same number of
+grid ``(block of BC groups, tensor)`` over the whole table, so a step costs the same number of
 launches for 8 or 80 layers: ``_free`` (unregularized tensors: the stage, ``Ŵ = W0 − V/P`` and
 the averaging), ``_pg_stage`` (``V, U, P, b`` and per group ``Σb², Σ(½P∘W0 − V)∘W0, max P``),
 one ``_pg_chunk`` per chunk of iterations (a program runs all of its block's iterations, computing
@@ -34,8 +34,8 @@ def _p(ptrs, t, k):
 
 @triton.jit
 def _free(ptrs, geom, scal, BA: tl.constexpr, BC: tl.constexpr):
-    t = tl.program_id(0)
-    cb = tl.program_id(1)
+    cb = tl.program_id(0)  # blocks on grid x (up to 2^31 − 1; y and z stop at 65535)
+    t = tl.program_id(1)
     na, sa, nc, sc, nb, sb, g0, c = _geometry(geom, t, cb, BC)
     if cb * BC < nc:
         gp, Vp, Up, W0p, Wp = _p(ptrs, t, 0), _p(ptrs, t, 1), _p(ptrs, t, 2), _p(ptrs, t, 3), _p(ptrs, t, 6)
@@ -65,8 +65,8 @@ def _free(ptrs, geom, scal, BA: tl.constexpr, BC: tl.constexpr):
 
 @triton.jit
 def _pg_stage(ptrs, geom, scal, bb_out, cst_out, pmax_out, BA: tl.constexpr, BC: tl.constexpr):
-    t = tl.program_id(0)
-    cb = tl.program_id(1)
+    cb = tl.program_id(0)  # blocks on grid x (up to 2^31 − 1; y and z stop at 65535)
+    t = tl.program_id(1)
     na, sa, nc, sc, nb, sb, g0, c = _geometry(geom, t, cb, BC)
     if cb * BC < nc:
         gp, Vp, Up, W0p, Pp, bp = (_p(ptrs, t, 0), _p(ptrs, t, 1), _p(ptrs, t, 2), _p(ptrs, t, 3),
@@ -104,8 +104,8 @@ def _pg_stage(ptrs, geom, scal, bb_out, cst_out, pmax_out, BA: tl.constexpr, BC:
 @triton.jit
 def _pg_chunk(ptrs, geom, n_iter, n_max, nblk, tau_t, eta, f, src, dst, q_out,
               BA: tl.constexpr, BC: tl.constexpr):
-    t = tl.program_id(0)
-    cb = tl.program_id(1)
+    cb = tl.program_id(0)  # blocks on grid x (up to 2^31 − 1; y and z stop at 65535)
+    t = tl.program_id(1)
     na, sa, nc, sc, nb, sb, g0, c = _geometry(geom, t, cb, BC)
     n = tl.load(n_iter + t)
     if (cb * BC < nc) & (n > 0):
@@ -149,8 +149,8 @@ def _pg_chunk(ptrs, geom, n_iter, n_max, nblk, tau_t, eta, f, src, dst, q_out,
 
 @triton.jit
 def _pg_finish(ptrs, geom, scal, f, ycol, BA: tl.constexpr, BC: tl.constexpr):
-    t = tl.program_id(0)
-    cb = tl.program_id(1)
+    cb = tl.program_id(0)  # blocks on grid x (up to 2^31 − 1; y and z stop at 65535)
+    t = tl.program_id(1)
     na, sa, nc, sc, nb, sb, g0, c = _geometry(geom, t, cb, BC)
     if cb * BC < nc:
         Yp = _p(ptrs, t, tl.load(ycol + t))
@@ -187,7 +187,7 @@ class _Kernels:
         self.tau_t = torch.tensor(tab.taus, dtype=F64, device=dev)
         reg = [goff >= 0 for _, _, _, goff in tab.geom]
         self.nblk = max(1, max(triton.cdiv(g[2], BC) for g in geo))
-        self.grid = (len(geo), self.nblk)
+        self.grid = (self.nblk, len(geo))  # (blocks, tensors): blocks may exceed 65535
         self.reg = torch.tensor(reg, device=dev)
         self.spares = []
 
@@ -232,15 +232,13 @@ class _Kernels:
         _pg_finish[self.grid](self.ptrs, self._reg_geom(), self.scal, f, yc, BA=BA, BC=BC)
 
 
-def ramda_pg_step(opt, group, present) -> bool:
-    """One RAMDA step of ``group`` with PG on the Triton kernels; False if it does not apply."""
+def ramda_pg_step(opt, group, present) -> set:
+    """One RAMDA step (PG) of the tensors of ``group`` the Triton kernels take; their ids."""
     if not table.eligible(opt, group):
-        return False
+        return set()
     tab = table.build(opt, group, present, pg=True)
-    if tab is None:
-        return False
     if not tab.rows:
-        return True
+        return set()
     dev = tab.rows[0][1].device
     k = _Kernels(tab, dev)
     k.free()
@@ -249,4 +247,4 @@ def ramda_pg_step(opt, group, present) -> bool:
     if any(r[4] is not None for r in tab.rows):
         iters, act, q = table.solve_pg_chunked(k, opt, group, tab, k.tau_t)
     table.record(opt, group, tab, iters, act, q)
-    return True
+    return tab.handled

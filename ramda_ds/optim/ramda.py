@@ -36,9 +36,9 @@ class RAMDA(StructuredOptimizer):
     root to fp32 precision, fewer passes; the μ are not checkpointed, so a resumed run's first
     step starts cold and differs from the uninterrupted one within that precision),
     ``backend`` (``"torch"``, the default: the reference, bitwise equal across every sharding
-    backend; ``"triton"`` / ``"auto"`` (Triton on CUDA when it compiles and matches): one launch
-    per pass for all tensors of a group, equal to the torch path within float32 rounding; see
-    :mod:`ramda_ds.kernels`).
+    backend; ``"native"`` (CPU C loops), ``"triton"``, ``"auto"`` (native on CPU, Triton on CUDA,
+    each once it built and matched): one pass for all tensors of a group, equal to the torch path
+    within float32 rounding, for unsharded float32 tensors; see :mod:`ramda_ds.kernels`).
     """
 
     restart_zero = ("grad_sum", "grad_sq_sum", "alpha")
@@ -55,8 +55,19 @@ class RAMDA(StructuredOptimizer):
                                       gamma=gamma, final_stage_ramp=final_stage_ramp,
                                       keep_structured=keep_structured,
                                       warm_start=warm_start, backend=backend), view)
-        for i, g in enumerate(self.param_groups):
-            kernels.check_backend(g["backend"], f"param_groups[{i}]")
+
+    def load_state_dict(self, state_dict):
+        """As torch's, except that each group keeps this optimizer's ``backend``: it says how the
+        step runs here (like the device), not what is computed, and a checkpoint written with
+        another one must not switch it silently."""
+        backends = [g["backend"] for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for g, b in zip(self.param_groups, backends):
+            g["backend"] = b
+
+    def _validate_group(self, g, i):
+        super()._validate_group(g, i)
+        kernels.check_backend(g["backend"], f"param_groups[{i}]")
 
     def init_state(self, w, dtype):
         return dict(alpha=torch.zeros((), dtype=torch.float64),
@@ -64,8 +75,8 @@ class RAMDA(StructuredOptimizer):
                     grad_sq_sum=torch.zeros_like(w, dtype=dtype), initial=w.to(dtype, copy=True))
 
     def _update_group(self, group, present):
-        if self._fast_step(group, present):
-            return
+        handled = self._fast_step(group, present)
+        present = present - handled  # the rest (all, with backend="torch") takes the torch path
         items, updates = [], []
         for k, p, w, g in self._params(group, present):
             st = self.local_state(p, w)
@@ -92,24 +103,72 @@ class RAMDA(StructuredOptimizer):
                 self.state[p]["structured"] = self.view.wrap_state(p, w_hat)
             self._maybe_restart(group, st, w)
 
-    def _fast_step(self, group, present) -> bool:
-        """The step on the per-step table of :mod:`ramda_ds.kernels` (``backend`` ≠ ``"torch"``)
-        where it applies, else False (the torch path below runs)."""
+    def _fast_step(self, group, present) -> set:
+        """The step of :mod:`ramda_ds.kernels` (``backend`` ≠ ``"torch"``) for the tensors of
+        ``group`` it applies to; returns their ids (the torch path below runs the others)."""
         if group["backend"] == "torch" or not group["params"]:
-            return False
+            return set()
         path = kernels.choose(group["backend"], group["params"][0].device)
         if path == "native":
             from ..kernels.native import ramda_native_step
             return ramda_native_step(self, group, present)
         unregularized = group["lam"] == 0 or group["regularizer"] is None
         if path != "triton" or self.view.comm.world_size > 1 \
-                or group["regularizer"] in ("l1", "nuclear"):
-            return False
+                or group["regularizer"] in ("l1", "nuclear") or len(group["params"]) > 65535:
+            return set()  # (tensors are the grid's y dimension, at most 65535 on CUDA)
         if group["solver"] != "exact" and not unregularized:
             from ..kernels.triton_pg import ramda_pg_step
             return ramda_pg_step(self, group, present)
-        from ..kernels.exact import ramda_exact_step
-        return ramda_exact_step(self, group, present)
+        from ..kernels.exact import ramda_exact_step  # all of the group's tensors, or none
+        return set(present) if ramda_exact_step(self, group, present) else set()
+
+
+def _tensor_paths(opt, group):
+    """(path, why or None) per tensor of ``group``: the path :meth:`RAMDA._fast_step` gives it
+    and, when a requested fast path is not taken, why."""
+    from ..kernels import table
+
+    n = len(group["params"])
+    if group["backend"] == "torch" or not n:
+        return [("torch", None)] * n
+    dev = group["params"][0].device
+    path = kernels.choose(group["backend"], dev)
+    why = None
+    if path == "torch":
+        why = f"no fast kernels for {dev} tensors here"
+    elif opt.view.comm.world_size > 1:
+        why = "the kernels need whole tensors; this view shards them"
+    elif group["regularizer"] in ("l1", "nuclear"):
+        why = f"regularizer {group['regularizer']}"
+    elif group.get("inexact_eps0") is not None and group["lam"] > 0:
+        why = "inexact_eps0 (condition (7) stopping)"
+    if why is not None:
+        return [("torch", why)] * n
+    out = []
+    for k, p in enumerate(group["params"]):
+        lp = opt.view.local(p.detach())
+        w = lp.view(-1) if lp.is_contiguous() else lp.reshape(-1)
+        why = table.why_not(opt, group, k, p, w, dev.type if path == "native" else None)
+        if why is None and w.device != dev:
+            why = f"on {w.device}, its group on {dev}"
+        out.append((path, None) if why is None else ("torch", f"{group['param_names'][k]}: {why}"))
+    return out
+
+
+def kernel_plan(opt) -> str:
+    """What RAMDA's step runs on, per tensor, for the run's log: ``"native"``, ``"torch"``, or e.g.
+    ``"native for 30 tensors; torch for 2 (lm_head.weight: param dtype torch.bfloat16)"``."""
+    counts: dict[str, int] = {}
+    reasons: dict[str, str] = {}
+    for group in opt.param_groups:
+        for path, why in _tensor_paths(opt, group):
+            counts[path] = counts.get(path, 0) + 1
+            if why is not None:
+                reasons.setdefault(path, why)
+    if len(counts) == 1 and not reasons:
+        return next(iter(counts))
+    return "; ".join(f"{path} for {n} tensors" + (f" ({reasons[path]})" if path in reasons else "")
+                     for path, n in counts.items())
 
 
 def _start_point(w, W0, V, P, segs, warm: bool) -> torch.Tensor:

@@ -352,21 +352,13 @@ def wrap(acc, a, model, blocks, precision, groups_of, keep_structured: bool = Fa
 
 
 def step_kernels(opt) -> str:
-    """The kernels RAMDA's step runs on (its ``backend`` resolved for this run), for the log."""
-    from ..kernels import choose
+    """What RAMDA's step runs on in this run (its ``backend`` resolved per tensor), for the log."""
     from ..optim import RAMDA
     from ..optim.base import find_structured
+    from ..optim.ramda import kernel_plan
 
     inner = find_structured(opt)
-    if not isinstance(inner, RAMDA):
-        return "torch"
-    groups = [g for g in inner.param_groups if g["params"]]
-    if not groups or groups[0]["backend"] == "torch":
-        return "torch"
-    path = choose(groups[0]["backend"], groups[0]["params"][0].device)
-    if path != "torch" and inner.view.comm.world_size > 1:
-        return "torch (the kernels need whole tensors; this view shards them)"
-    return path
+    return kernel_plan(inner) if isinstance(inner, RAMDA) else "torch"
 
 
 def backend_name(acc, fsdp2: bool) -> str:
