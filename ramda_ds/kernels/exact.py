@@ -174,15 +174,15 @@ def ramda_exact_step(opt, group, present, max_iters: int = 50) -> bool:
     """One RAMDA step of ``group`` with the exact solver; False (nothing done) if not eligible."""
     from ..optim.base import group_tau, is_regularized
 
-    todo = []
+    from .table import why_not
+
+    todo, dev0 = [], None
     for k, p, w, g in opt._params(group, present):  # check everything before changing anything
         segs = opt._segments(group, p, k)
         reg = [s for s in segs if is_regularized(group, s)]
-        whole = (len(segs) == 1 and segs[0].span is None and segs[0].lo == 0
-                 and segs[0].hi == w.numel())
-        if (p.dtype != torch.float32 or not w.is_contiguous() or w.data_ptr() != p.data_ptr()
-                or g.dtype != torch.float32 or not (whole or not reg)
-                or (reg and (reg[0].groups.group_lo != 0 or len(reg[0].groups.pieces) != 1))):
+        dev0 = w.device if dev0 is None else dev0
+        if (why_not(opt, group, k, p, w) is not None or w.device != dev0
+                or g.dtype != torch.float32 or g.device != w.device):
             opt._writeback.clear()
             return False
         # unregularized: one pseudo-group with τ = 0, μ = 0, so Ŵ = b/P = W0 − V/P

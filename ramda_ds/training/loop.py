@@ -268,9 +268,11 @@ def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict) -> list[dic
                 try:
                     where = ckpt.save(step, ramda, meta, {**rng_state(), **task.carry()})
                 except CheckpointError as e:
-                    raise SystemExit(f"saving the checkpoint of step {step} failed; the previous "
-                                     f"checkpoint and {ckpt.root / 'latest'} are intact: {e}") \
-                        from None
+                    # said now, before the cleanup below: a rank that exits first makes torchrun
+                    # stop the others, which must not lose their message (every rank says it)
+                    print(f"saving the checkpoint of step {step} failed; the previous checkpoint "
+                          f"and {ckpt.root / 'latest'} are intact: {e}", file=sys.stderr, flush=True)
+                    raise SystemExit(1) from None
                 if stop:
                     log.message(f"SIGTERM: saved {where} at step {step}; resume with --resume auto")
                     raise SystemExit(PREEMPTED_EXIT)
