@@ -197,6 +197,7 @@ def main():
         configs["RAMDA+exact native"] = lambda m, lam: RAMDA(reg(m, lam), lr=1e-2, solver="exact",
                                                              backend="native")
         configs["MADGRAD native"] = lambda m, lam: RAMDA(m.parameters(), lr=1e-2, backend="native")
+        configs["ProxGen+PG native"] = lambda m, lam: ProxGen(reg(m, lam), lr=1e-3, backend="native")
     if device.type == "cuda" and kernels.available(device):
         configs["RAMDA+exact triton"] = lambda m, lam: RAMDA(reg(m, lam), lr=1e-2, solver="exact",
                                                              backend="triton")

@@ -411,7 +411,7 @@ def parse(argv):
     (["--grad_clip", "-1"], "grad_clip must be >= 0"),
     (["--solver", "newton"], "solver must be pg or exact"),
     (["--backend", "cuda"], r"backend must be one of \('auto', 'torch', 'triton', 'native'\)"),
-    (["--backend", "native", "--optimizer", "adamw"], "applies to RAMDA's step only"),
+    (["--backend", "native", "--optimizer", "adamw"], "applies to RAMDA's and ProxGen's step only"),
     (["--preset", "huge"], "preset must be tiny or base"),
     (["--vocab_size", "2"], "vocab_size must be >= 8"),
 ])

@@ -261,3 +261,38 @@ def test_a_tensor_the_kernels_cannot_take_runs_on_torch_beside_the_others():
         runs.append(net)
     for a, b in zip(*(n.parameters() for n in runs)):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_proxgen_pg_on_the_native_kernels_matches_torch(weight_decay):
+    """ProxGen's AdamW stage in C, then the same PG chunks (c = 1: W = Ŵ); a restart stage."""
+    from ramda_ds.optim import ProxGen
+
+    def go(backend):
+        net = Net()
+        groups = build_param_groups(net, "group_lasso", lam=3e-2,
+                                    grouping={"rows.weight": "output", "heads.weight": "head:4"})
+        opt = ProxGen(groups, lr=3e-3, weight_decay=weight_decay, backend=backend,
+                      milestones=(4,))
+        g, stats = torch.Generator().manual_seed(1), []
+        for _ in range(6):
+            x, y = torch.randn(8, 3, 6, generator=g), torch.randn(8, 6, generator=g)
+            opt.zero_grad()
+            nn.functional.mse_loss(net(x), y).backward()
+            opt.step()
+            stats.append({k: (v.iterations, v.active_groups) for k, v in opt.last_stats.items()})
+        return net, opt, stats
+
+    before = native.CALLS[0]
+    ref_net, ref_opt, ref_stats = go("torch")
+    net, opt, stats = go("native")
+    assert native.CALLS[0] > before
+    assert stats == ref_stats
+    assert any(a > 0 for a in (s[1] for s in stats[-1].values()))
+    assert any(s[1] < n for s, n in zip(stats[-1].values(), (3, 20, 75, 6)))  # some groups zero
+    for (name, a), b in zip(ref_net.named_parameters(), net.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, msg=name)
+        assert torch.equal(a == 0, b == 0), name
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[b][key], ref_opt.state[a][key], rtol=1e-5,
+                                       atol=1e-9)

@@ -360,6 +360,72 @@ void ramda_pg_finish(const int64_t *ptrs, const int64_t *geom, const double *sca
     }
 }
 
+/* ProxGen (AdamW's preconditioner, ramda_ds/optim/proxgen.py), the torch path's ops.  pscal[t][8]:
+ * a = lr/(1 - b1^t), eps, 1 - b1, b2, 1 - b2, sqrt(1 - b2^t), 1 - lr*wd, mode (1 PG, 2 free):
+ *   W *= 1 - lr*wd;  m = lerp(m, g, 1 - b1);  v = v*b2 + (1 - b2)*g*g;  D = sqrt(v)/c2 + eps
+ *   unregularized (proxgen_free):  W = W - (a*m)/D
+ *   regularized (proxgen_pg_stage): P = D, b = D*W - a*m (item-packed), per group sum b^2,
+ *   max P and sum ((0.5*D)*W - a*m)*W; PG then runs from W (ramda_pg_chunk, ramda_pg_finish
+ *   with c = 1). */
+#define PROXGEN_ELEMENT                                                                     \
+    const float gv = g[i];                                                                  \
+    const float x = decay != 1.0f ? W[i] * decay : W[i];                                    \
+    const float mv = __builtin_fmaf(w1, gv - M[i], M[i]); /* m.lerp_(g, 1 - b1) */          \
+    const float vv = __builtin_fmaf(w2 * gv, gv, Vs[i] * b2); /* v.mul_(b2).addcmul_ */     \
+    M[i] = mv;                                                                              \
+    Vs[i] = vv;                                                                             \
+    const float D = __builtin_sqrtf(vv) / c2 + eps;                                         \
+    const float am = mv * a;
+
+#define PROXGEN_SETUP                                                                       \
+    const float *g = F(t, 0);                                                               \
+    float *M = F(t, 1), *Vs = F(t, 2), *W = F(t, 6);                                        \
+    const double *q8 = pscal + t * 8;                                                       \
+    const float a = (float)q8[0], eps = (float)q8[1], w1 = (float)q8[2], b2 = (float)q8[3]; \
+    const float w2 = (float)q8[4], c2 = (float)q8[5], decay = (float)q8[6];
+
+void proxgen_free(const int64_t *ptrs, const int64_t *geom, const double *pscal,
+                  const int64_t *items, int64_t i0, int64_t i1) {
+    for (int64_t it = i0; it < i1; it++) {
+        ITEM_HEADER
+        PROXGEN_SETUP
+        FOR_ELEMENTS({
+            PROXGEN_ELEMENT
+            W[i] = x - am / D; /* torch.addcdiv(W, a*m, D, value=-1) */
+        })
+    }
+}
+
+void proxgen_pg_stage(const int64_t *ptrs, const int64_t *geom, const double *pscal,
+                      const int64_t *items, int64_t i0, int64_t i1, double *bb, double *cst,
+                      float *pmax) {
+    double acc[MAXW], cacc[MAXW];
+    float mx[MAXW];
+    for (int64_t it = i0; it < i1; it++) {
+        ITEM_HEADER
+        PROXGEN_SETUP
+        float *P = F(t, 4) + R * K * c0, *b = F(t, 5) + R * K * c0; /* item-packed */
+        for (int64_t j = 0; j < nw; j++) { acc[j] = 0.0; cacc[j] = 0.0; mx[j] = -__builtin_inff(); }
+        FOR_ELEMENTS({
+            PROXGEN_ELEMENT
+            W[i] = x; /* the decayed W: PG's warm start */
+            const float bv = D * x - am;
+            const int64_t ip = PACKED_INDEX;
+            P[ip] = D;
+            b[ip] = bv;
+            acc[j] += (double)(bv * bv);
+            mx[j] = D > mx[j] ? D : mx[j];
+            const float q = ((0.5f * D) * x - am) * x;
+            cacc[j] += (double)q;
+        })
+        for (int64_t j = 0; j < nw; j++) {
+            bb[goff + c0 + j] = acc[j];
+            pmax[goff + c0 + j] = mx[j];
+            cst[goff + c0 + j] = cacc[j];
+        }
+    }
+}
+
 /* the cube root alone, for the tests (bitwise against ramda_ds.cube_root) */
 void ramda_cbrt(const float *x, float *out, int64_t n) {
     for (int64_t i = 0; i < n; i++) out[i] = cbrt_pi(x[i]);

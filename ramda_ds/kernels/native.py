@@ -190,6 +190,44 @@ class _Kernels:
         _run(self.lib.ramda_pg_finish, self.head3, self.items, f.data_ptr(), yc.data_ptr())
 
 
+def proxgen_native_step(opt, group, present) -> set:
+    """One ProxGen step (PG) of the tensors of ``group`` the CPU kernels take; returns their ids."""
+    from .native_build import load
+
+    if not table.eligible(opt, group) or group["solver"] == "exact":
+        return set()
+    tab = table.build_proxgen(opt, group, present)
+    if not tab.rows:
+        return set()
+    k = _ProxGenKernels(load(), tab)
+    k.free()
+    T = len(tab.rows)
+    iters, act, q = [0] * T, torch.zeros(0, dtype=torch.bool), [math.nan] * T
+    if k.items.n:
+        iters, act, q = table.solve_pg_chunked(k, opt, group, tab, k.tau_t)
+    table.record(opt, group, tab, iters, act, q, restarts=False)
+    return tab.handled
+
+
+class _ProxGenKernels(_Kernels):
+    """ProxGen's stage (AdamW's moments and D) with RAMDA's PG chunks and finish (c = 1)."""
+
+    def __init__(self, lib, tab):
+        super().__init__(lib, tab)
+        self.pscal = torch.tensor(tab.pscal, dtype=F64)
+        self.headp = self.head + (self.pscal.data_ptr(),)
+
+    def free(self):
+        _run(self.lib.proxgen_free, self.headp, self.free_items)
+
+    def stage(self):
+        G = self.tab.G
+        bb, cst, pmax = torch.zeros(G, dtype=F64), torch.zeros(G, dtype=F64), torch.zeros(G)
+        _run(self.lib.proxgen_pg_stage, self.headp, self.items, bb.data_ptr(), cst.data_ptr(),
+             pmax.data_ptr())
+        return bb, cst, pmax
+
+
 def _exact(opt, group, k, tab, tau_t, max_iters=50):
     regs = [(t, r[4]) for t, r in enumerate(tab.rows) if r[4] is not None]
     G = tab.G

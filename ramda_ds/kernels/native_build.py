@@ -126,6 +126,8 @@ def load() -> ctypes.CDLL:
                                ctypes.c_int, P],
             "ramda_pg_finish": [P, P, P, P, I, I, P, P],
             "ramda_cbrt": [P, P, I],
+            "proxgen_free": [P, P, P, P, I, I],
+            "proxgen_pg_stage": [P, P, P, P, I, I, P, P, P],
         }
         for name, args in sigs.items():
             fn = getattr(lib, name)

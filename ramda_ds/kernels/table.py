@@ -71,7 +71,7 @@ def why_not(opt, group, k, p, w, device_type: str | None = None) -> str | None:
     if reg and not (whole and reg[0].groups.group_lo == 0 and len(reg[0].groups.pieces) == 1):
         return "regularized only in part, or sharded"
     st = opt.state.get(p) or {}
-    for key in ("grad_sum", "grad_sq_sum", "initial"):
+    for key in sorted(opt.state_keys()):
         t = st.get(key)
         if t is not None and (not torch.is_tensor(t) or t.dtype != torch.float32
                               or not t.is_contiguous() or t.device != w.device
@@ -124,6 +124,52 @@ def build(opt, group, present, pg: bool, device_type: str | None = None):
         keep.append((g, P, b, Y))
     tab = Table(rows, ptrs, geom, scal, taus, goff, keep)
     tab.handled = {id(r[0]) for r in rows}
+    return tab
+
+
+def build_proxgen(opt, group, present):
+    """:func:`build` for ProxGen (PG): rows ``g, m, v, -, P, b, W, -, Y, Y'`` and per tensor the
+    scalars of its AdamW stage ``a = lr/(1−β1^t), ε, 1−β1, β2, 1−β2, √(1−β2^t), 1−lr·wd, mode``
+    (``Table.pscal``); τ = lr·λ·w_g; c = 1 (``W ← Ŵ``)."""
+    from ..optim.base import group_tau
+
+    todo, first = [], None
+    n_writeback = len(opt._writeback)
+    for k, p, w, g in opt._params(group, present):
+        first = w.device if first is None else first
+        if (why_not(opt, group, k, p, w, "cpu") is not None or w.device != first
+                or g.dtype != torch.float32 or g.device != w.device):
+            continue
+        segs = [s for s in opt._segments(group, p, k) if _regularized(group, s)]
+        todo.append((p, w, g.contiguous(), segs[0] if segs else None))
+    del opt._writeback[n_writeback:]
+    b1, b2 = group["betas"]
+    rows, ptrs, geom, scal, pscal, taus, keep, goff = [], [], [], [], [], [], [], 0
+    for p, w, g, seg in todo:
+        st = opt.local_state(p, w)
+        lr = opt._decayed(group, "lr", opt._advance(group, st)[0])
+        t = st["step"].item()  # per tensor, as AdamW
+        P, b, Y = ((torch.empty_like(w), torch.empty_like(w), torch.empty_like(w))
+                   if seg is not None else (None, None, None))
+        if seg is not None:
+            lay = seg.groups.layout
+            geom.append([lay.rows, lay.groups, lay.inner, goff])
+            goff += lay.groups
+            taus.append(group_tau(group, seg, lr))
+        else:
+            lay = GroupLayout(1, w.numel(), 1)
+            geom.append([1, w.numel(), 1, -1])
+            taus.append(0.0)
+        mode = MODE_FREE if seg is None else MODE_PG
+        ptrs.append([g.data_ptr(), st["exp_avg"].data_ptr(), st["exp_avg_sq"].data_ptr(), 0,
+                     _ptr(P), _ptr(b), w.data_ptr(), 0, _ptr(Y), 0])
+        scal.append([0.0, group["eps"], 1.0, float(mode)])  # c = 1: the finish writes W = Ŵ
+        pscal.append([lr / (1 - b1 ** t), group["eps"], 1 - b1, b2, 1 - b2,
+                      math.sqrt(1 - b2 ** t), 1 - lr * group["weight_decay"], float(mode)])
+        rows.append((p, w, st, None, seg, lay))
+        keep.append((g, P, b, Y))
+    tab = Table(rows, ptrs, geom, scal, taus, goff, keep)
+    tab.pscal, tab.handled = pscal, {id(r[0]) for r in rows}
     return tab
 
 
@@ -212,8 +258,8 @@ def solve_pg_chunked(k, opt, group, tab, tau_t):
     return iters, act, q_last
 
 
-def record(opt, group, tab, iters, act, q) -> None:
-    """Solver statistics per regularized tensor, Ŵ (``keep_structured``) and restarts."""
+def record(opt, group, tab, iters, act, q, restarts: bool = True) -> None:
+    """Solver statistics per regularized tensor, Ŵ (``keep_structured``) and restarts (RAMDA)."""
     T = len(tab.rows)
     if any(r[4] is not None for r in tab.rows):
         tid = group_tensor(tab).to(act.device)
@@ -224,7 +270,7 @@ def record(opt, group, tab, iters, act, q) -> None:
                 opt.last_stats[seg.name] = SolverStats(iters[t], round(n_act[t]),
                                                        lay.groups - round(n_act[t]), math.nan,
                                                        q[t])
-    for p, w, st, z, seg, lay in tab.rows:
+    for p, w, st, z, seg, lay in tab.rows if restarts else ():
         if group["keep_structured"]:
             opt.state[p]["structured"] = opt.view.wrap_state(p, z)
         opt._maybe_restart(group, st, w)

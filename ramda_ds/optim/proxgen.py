@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from .. import kernels
 from ..solvers import Subproblem
 from .base import StructuredOptimizer, group_tau, is_regularized
 
@@ -18,13 +19,15 @@ class ProxGen(StructuredOptimizer):
         W ← argmin_Z ⟨a·m, Z−W⟩ + ½⟨Z−W, D∘(Z−W)⟩ + lr·ψ(Z)   (screening + PG from W, or exact)
 
     Unregularized tensors get exactly AdamW's step ``W − a·m/D``. At each milestone
-    ``lr ← γ·lr`` (moments are kept).
+    ``lr ← γ·lr`` (moments are kept).  ``backend``: ``"torch"`` (default), or ``"native"`` /
+    ``"auto"``: on CPU, PG on the C kernels of :mod:`ramda_ds.kernels.native` (the exact solver and
+    other devices take the torch path).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  regularizer=None, lam=0.0, grouping="input", solver="pg", max_iters=100,
                  rtol=1e-8, inexact_eps0=None, milestones=(), gamma=0.1, view=None,
-                 warm_start=False):
+                 warm_start=False, backend="torch"):
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"betas must be in [0, 1), got {betas!r}")
         if weight_decay < 0:
@@ -33,12 +36,28 @@ class ProxGen(StructuredOptimizer):
                                       regularizer=regularizer, lam=lam, grouping=grouping,
                                       solver=solver, max_iters=max_iters, rtol=rtol,
                                       inexact_eps0=inexact_eps0, milestones=milestones, gamma=gamma,
-                                      final_stage_ramp=False, warm_start=warm_start), view)
+                                      final_stage_ramp=False, warm_start=warm_start,
+                                      backend=backend), view)
 
     def init_state(self, w, dtype):
         return dict(exp_avg=torch.zeros_like(w, dtype=dtype), exp_avg_sq=torch.zeros_like(w, dtype=dtype))
 
+    def _validate_group(self, g, i):
+        super()._validate_group(g, i)
+        kernels.check_backend(g["backend"], f"param_groups[{i}]")
+
+    def load_state_dict(self, state_dict):
+        """As torch's; each group keeps this optimizer's ``backend`` (see RAMDA's)."""
+        backends = [g["backend"] for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for g, b in zip(self.param_groups, backends):
+            g["backend"] = b
+
     def _update_group(self, group, present):
+        if group["backend"] != "torch" and group["params"] and group["solver"] != "exact" and \
+                kernels.choose(group["backend"], group["params"][0].device) == "native":
+            from ..kernels.native import proxgen_native_step
+            present = present - proxgen_native_step(self, group, present)
         (b1, b2) = group["betas"]
         items, updates = [], []
         for k, p, w, g in self._params(group, present):

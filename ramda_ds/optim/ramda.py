@@ -136,6 +136,8 @@ def _tensor_paths(opt, group):
     why = None
     if path == "torch":
         why = f"no fast kernels for {dev} tensors here"
+    elif not isinstance(opt, RAMDA) and (path != "native" or group["solver"] == "exact"):
+        why = f"{type(opt).__name__} has a native PG step only"
     elif opt.view.comm.world_size > 1:
         why = "the kernels need whole tensors; this view shards them"
     elif group["regularizer"] in ("l1", "nuclear"):
@@ -156,7 +158,7 @@ def _tensor_paths(opt, group):
 
 
 def kernel_plan(opt) -> str:
-    """What RAMDA's step runs on, per tensor, for the run's log: ``"native"``, ``"torch"``, or e.g.
+    """What RAMDA's (or ProxGen's) step runs on, per tensor, for the run's log: ``"native"``, ``"torch"``, or e.g.
     ``"native for 30 tensors; torch for 2 (lm_head.weight: param dtype torch.bfloat16)"``."""
     counts: dict[str, int] = {}
     reasons: dict[str, str] = {}

@@ -20,7 +20,7 @@ def parse_milestones(text: str) -> tuple[int, ...]:
     return tuple(int(m) for m in text.split(",") if m.strip())
 
 
-BACKEND_HELP = ("RAMDA's step kernels: torch (the reference; sharded == unsharded bit for bit) | "
+BACKEND_HELP = ("RAMDA's (and ProxGen's PG) step kernels: torch (the reference; sharded == unsharded bit for bit) | "
                 "auto (native C loops on CPU, Triton on CUDA, where they apply; torch elsewhere) "
                 "| native | triton (see README: Fast step)")
 
@@ -45,7 +45,7 @@ def make_optimizer(a, model, groups_of, keep_structured: bool = False):
         return RMDA(groups, momentum=a.momentum, **kw)
     if a.optimizer == "proxsgd":
         return ProxSGD(groups, momentum=a.momentum, **kw)
-    return ProxGen(groups, solver=solver, **kw)
+    return ProxGen(groups, solver=solver, backend=getattr(a, "backend", "torch"), **kw)
 
 
 def read_args(cls, argv=None):
@@ -94,9 +94,10 @@ def validate_common(a, files) -> None:
         check_backend(getattr(a, "backend", "torch"), "backend")
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    if getattr(a, "backend", "torch") != "torch" and a.optimizer != "ramda":
-        raise SystemExit(f"backend {a.backend!r} applies to RAMDA's step only; {a.optimizer} runs "
-                         f"on torch (choose one of {BACKENDS} with --optimizer ramda)")
+    if getattr(a, "backend", "torch") != "torch" and a.optimizer not in ("ramda", "proxgen"):
+        raise SystemExit(f"backend {a.backend!r} applies to RAMDA's and ProxGen's step only; "
+                         f"{a.optimizer} runs on torch (one of {BACKENDS} with --optimizer ramda "
+                         f"or proxgen)")
     for f in files:
         if f and not f.startswith("hf:") and not Path(f).exists():
             raise SystemExit(f"file not found: {f}")
@@ -353,12 +354,12 @@ def wrap(acc, a, model, blocks, precision, groups_of, keep_structured: bool = Fa
 
 def step_kernels(opt) -> str:
     """What RAMDA's step runs on in this run (its ``backend`` resolved per tensor), for the log."""
-    from ..optim import RAMDA
+    from ..optim import RAMDA, ProxGen
     from ..optim.base import find_structured
     from ..optim.ramda import kernel_plan
 
     inner = find_structured(opt)
-    return kernel_plan(inner) if isinstance(inner, RAMDA) else "torch"
+    return kernel_plan(inner) if isinstance(inner, (RAMDA, ProxGen)) else "torch"
 
 
 def backend_name(acc, fsdp2: bool) -> str:
