@@ -243,9 +243,12 @@ class StructuredOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     def state_keys(self) -> set[str]:
-        """The per-element state keys of this optimizer (without optional ones like Ŵ)."""
-        e = torch.zeros(0)
-        return {k for k, v in self.init_state(e, e.dtype).items() if v.dim()}
+        """The per-element state keys of this optimizer (without optional ones like Ŵ); worked
+        out once (the fast steps ask per tensor and step)."""
+        if "_state_keys" not in self.__dict__:
+            e = torch.zeros(0)
+            self._state_keys = frozenset(k for k, v in self.init_state(e, e.dtype).items() if v.dim())
+        return set(self._state_keys)
 
     def _segments(self, group: dict, p: torch.Tensor, k: int) -> list[Segment]:
         return self.view.segments(p, group, k)
