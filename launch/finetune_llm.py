@@ -183,20 +183,21 @@ def tokenize(acc, a: FinetuneArgs, vocab: int, out: Path):
     from ramda_ds.training import data
 
     train_file, valid_file = corpus(acc, a, out)
+    with acc.local_main_process_first():  # the datasets cache is built once, not by 2 ranks at once
+        train_lines, valid_lines = data.load_lines(train_file), data.load_lines(valid_file)
     tok = checkpoint_tokenizer(a)
     if tok is not None:
-        def ids(f):
-            return torch.tensor([i for t in data.load_lines(f)["text"] for i in
+        def ids(lines):
+            return torch.tensor([i for t in lines["text"] for i in
                                  tok(t)["input_ids"] + [tok.eos_token_id or 0]])
-        return ids(train_file), ids(valid_file)
+        return ids(train_lines), ids(valid_lines)
     size = min(vocab, 2000)
     if acc.is_main_process:
         print(f"no tokenizer used from {a.model_path}: training a SentencePiece model "
               f"({size} pieces) on the corpus", file=sys.stderr)
     with acc.local_main_process_first():
         sp = data.train_tokenizer(train_file, str(out / "data" / f"sp{size}"), size)
-    return (data.encode(data.load_lines(train_file), sp) % vocab,
-            data.encode(data.load_lines(valid_file), sp) % vocab)
+    return data.encode(train_lines, sp) % vocab, data.encode(valid_lines, sp) % vocab
 
 
 def causal_lm_forward(model, x, memory):

@@ -95,8 +95,9 @@ def main(argv=None):
     if not tok:
         with acc.local_main_process_first():
             tok = data.train_tokenizer(train_file, str(out / "data" / f"sp{a.vocab_size}"), a.vocab_size)
-    train_ids = data.encode(data.load_lines(train_file), tok)
-    valid_ids = data.encode(data.load_lines(valid_file), tok)
+    with acc.local_main_process_first():  # the datasets cache is built once, not by 2 ranks at once
+        train_lines, valid_lines = data.load_lines(train_file), data.load_lines(valid_file)
+    train_ids, valid_ids = data.encode(train_lines, tok), data.encode(valid_lines, tok)
     import sentencepiece as spm
 
     vocab = spm.SentencePieceProcessor(model_file=tok).vocab_size()
