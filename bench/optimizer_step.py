@@ -15,7 +15,7 @@ Prints, measured in this one run:
   and, when ``triton`` is installed, once for the Triton path (run by the interpreter on CPU);
 * the issue's targets and whether this run meets them.
 
-    python bench/optimizer_step.py                      # ~15 min on 2 CPU cores (op counts: ~10)
+    python bench/optimizer_step.py                      # ~8 min on 2 CPU cores (op counts: ~5)
     python bench/optimizer_step.py --no-count           # ~3 min: the timings only
     python bench/optimizer_step.py --blocks 16 --d-model 1024 --steps 5 --device cuda
 """
