@@ -142,7 +142,7 @@ def _tensor_paths(opt, group):
         why = "the kernels need whole tensors; this view shards them"
     elif group["regularizer"] in ("l1", "nuclear"):
         why = f"regularizer {group['regularizer']}"
-    elif group.get("inexact_eps0") is not None and group["lam"] > 0:
+    elif group.get("inexact_eps0") is not None:
         why = "inexact_eps0 (condition (7) stopping)"
     if why is not None:
         return [("torch", why)] * n
@@ -154,12 +154,18 @@ def _tensor_paths(opt, group):
         if why is None and w.device != dev:
             why = f"on {w.device}, its group on {dev}"
         out.append((path, None) if why is None else ("torch", f"{group['param_names'][k]}: {why}"))
+    whole_group = path == "triton" and (group["solver"] == "exact" or group["lam"] == 0
+                                        or group["regularizer"] is None)
+    refused = [w for _, w in out if w is not None]
+    if whole_group and refused:  # kernels/exact.py takes all of a group's tensors or none
+        return [("torch", refused[0])] * n
     return out
 
 
 def kernel_plan(opt) -> str:
-    """What RAMDA's (or ProxGen's) step runs on, per tensor, for the run's log: ``"native"``, ``"torch"``, or e.g.
-    ``"native for 30 tensors; torch for 2 (lm_head.weight: param dtype torch.bfloat16)"``."""
+    """What RAMDA's (or ProxGen's) step runs on, per tensor, for the run's log: ``"native"``,
+    ``"torch"``, or e.g. ``"native for 30 tensors; torch for 2 (lm_head.weight: param dtype
+    torch.bfloat16)"``."""
     counts: dict[str, int] = {}
     reasons: dict[str, str] = {}
     for group in opt.param_groups:
