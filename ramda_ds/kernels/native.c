@@ -250,6 +250,30 @@ int ramda_exact(const int64_t *ptrs, const int64_t *geom, const double *scal, co
     return 0;
 }
 
+/* PG's stage, shared by RAMDA and ProxGen: store P, b item-packed and accumulate per group
+ * sum b^2, max P and Q's constant sum ((P*0.5)*X - S)*X (RAMDA: X = W0, S = V; ProxGen: X = W,
+ * S = a*m) */
+#define PG_SUMS_INIT                                                                        \
+    for (int64_t j = 0; j < nw; j++) { acc[j] = 0.0; cacc[j] = 0.0; mx[j] = -__builtin_inff(); }
+
+#define PG_SUMS_ELEMENT(PV, BV, X, S)                                                       \
+    {                                                                                       \
+        const int64_t ip = PACKED_INDEX;                                                    \
+        P[ip] = (PV);                                                                       \
+        b[ip] = (BV);                                                                       \
+        acc[j] += (double)((BV) * (BV));                                                    \
+        mx[j] = (PV) > mx[j] ? (PV) : mx[j];                                                \
+        const float q = ((PV) * 0.5f) * (X) - (S);                                          \
+        cacc[j] += (double)(q * (X));                                                       \
+    }
+
+#define PG_SUMS_STORE                                                                       \
+    for (int64_t j = 0; j < nw; j++) {                                                      \
+        bb[goff + c0 + j] = acc[j];                                                         \
+        pmax[goff + c0 + j] = mx[j];                                                        \
+        cst[goff + c0 + j] = cacc[j];                                                       \
+    }
+
 /* PG's stage: the elementwise stage into P, b (item-packed) and per group sum b^2, max P and
  * sum ((P*0.5)*W0 - V)*W0 (Q's constant) */
 void ramda_pg_stage(const int64_t *ptrs, const int64_t *geom, const double *scal,
@@ -261,22 +285,12 @@ void ramda_pg_stage(const int64_t *ptrs, const int64_t *geom, const double *scal
         ITEM_HEADER
         STAGE_SETUP
         float *P = F(t, 4) + R * K * c0, *b = F(t, 5) + R * K * c0; /* item-packed */
-        for (int64_t j = 0; j < nw; j++) { acc[j] = 0.0; cacc[j] = 0.0; mx[j] = -__builtin_inff(); }
+        PG_SUMS_INIT
         FOR_ELEMENTS({
             STAGE_ELEMENT
-            const int64_t ip = PACKED_INDEX;
-            P[ip] = p;
-            b[ip] = bv;
-            acc[j] += (double)(bv * bv);
-            mx[j] = p > mx[j] ? p : mx[j];
-            const float q = (p * 0.5f) * w0 - v;
-            cacc[j] += (double)(q * w0);
+            PG_SUMS_ELEMENT(p, bv, w0, v)
         })
-        for (int64_t j = 0; j < nw; j++) {
-            bb[goff + c0 + j] = acc[j];
-            pmax[goff + c0 + j] = mx[j];
-            cst[goff + c0 + j] = cacc[j];
-        }
+        PG_SUMS_STORE
     }
 }
 
@@ -405,24 +419,14 @@ void proxgen_pg_stage(const int64_t *ptrs, const int64_t *geom, const double *ps
         ITEM_HEADER
         PROXGEN_SETUP
         float *P = F(t, 4) + R * K * c0, *b = F(t, 5) + R * K * c0; /* item-packed */
-        for (int64_t j = 0; j < nw; j++) { acc[j] = 0.0; cacc[j] = 0.0; mx[j] = -__builtin_inff(); }
+        PG_SUMS_INIT
         FOR_ELEMENTS({
             PROXGEN_ELEMENT
             W[i] = x; /* the decayed W: PG's warm start */
             const float bv = D * x - am;
-            const int64_t ip = PACKED_INDEX;
-            P[ip] = D;
-            b[ip] = bv;
-            acc[j] += (double)(bv * bv);
-            mx[j] = D > mx[j] ? D : mx[j];
-            const float q = ((0.5f * D) * x - am) * x;
-            cacc[j] += (double)q;
+            PG_SUMS_ELEMENT(D, bv, x, am)
         })
-        for (int64_t j = 0; j < nw; j++) {
-            bb[goff + c0 + j] = acc[j];
-            pmax[goff + c0 + j] = mx[j];
-            cst[goff + c0 + j] = cacc[j];
-        }
+        PG_SUMS_STORE
     }
 }
 

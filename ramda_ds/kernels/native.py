@@ -167,9 +167,13 @@ class _Kernels:
     def stage(self):
         G = self.tab.G
         bb, cst, pmax = torch.zeros(G, dtype=F64), torch.zeros(G, dtype=F64), torch.zeros(G)
-        _run(self.lib.ramda_pg_stage, self.head3, self.items, bb.data_ptr(), cst.data_ptr(),
-             pmax.data_ptr())
+        fn, head = self._stage_fn()
+        _run(fn, head, self.items, bb.data_ptr(), cst.data_ptr(), pmax.data_ptr())
         return bb, cst, pmax
+
+    def _stage_fn(self):
+        """PG's stage kernel and the leading arguments it takes."""
+        return self.lib.ramda_pg_stage, self.head3
 
     def spare(self, t):
         self.spares.append(torch.empty_like(self.tab.rows[t][1]))
@@ -220,12 +224,8 @@ class _ProxGenKernels(_Kernels):
     def free(self):
         _run(self.lib.proxgen_free, self.headp, self.free_items)
 
-    def stage(self):
-        G = self.tab.G
-        bb, cst, pmax = torch.zeros(G, dtype=F64), torch.zeros(G, dtype=F64), torch.zeros(G)
-        _run(self.lib.proxgen_pg_stage, self.headp, self.items, bb.data_ptr(), cst.data_ptr(),
-             pmax.data_ptr())
-        return bb, cst, pmax
+    def _stage_fn(self):
+        return self.lib.proxgen_pg_stage, self.headp
 
 
 def _exact(opt, group, k, tab, tau_t, max_iters=50):

@@ -84,17 +84,7 @@ def build(opt, group, present, pg: bool, device_type: str | None = None):
     """The table for one step of the tensors of ``group`` that qualify (:func:`why_not`; on the
     first one's device, of type ``device_type`` when given), advancing their step and α.  The
     others are left untouched for the torch path: ``table.handled`` are the ids taken."""
-    todo, first = [], None
-    n_writeback = len(opt._writeback)
-    for k, p, w, g in opt._params(group, present):  # decide everything before changing anything
-        first = w.device if first is None else first
-        if (why_not(opt, group, k, p, w, device_type) is not None or w.device != first
-                or g.dtype != torch.float32 or g.device != w.device):
-            continue
-        segs = [s for s in opt._segments(group, p, k) if _regularized(group, s)]
-        todo.append((p, w, g.contiguous(), segs[0] if segs else None))
-    del opt._writeback[n_writeback:]  # only rejected (non-contiguous) tensors add entries: the
-    #                                   torch path collects them again
+    todo = _qualifying(opt, group, present, device_type)
     from ..optim.base import group_tau
 
     rows, ptrs, geom, scal, taus, keep, goff = [], [], [], [], [], [], 0
@@ -133,16 +123,7 @@ def build_proxgen(opt, group, present):
     (``Table.pscal``); τ = lr·λ·w_g; c = 1 (``W ← Ŵ``)."""
     from ..optim.base import group_tau
 
-    todo, first = [], None
-    n_writeback = len(opt._writeback)
-    for k, p, w, g in opt._params(group, present):
-        first = w.device if first is None else first
-        if (why_not(opt, group, k, p, w, "cpu") is not None or w.device != first
-                or g.dtype != torch.float32 or g.device != w.device):
-            continue
-        segs = [s for s in opt._segments(group, p, k) if _regularized(group, s)]
-        todo.append((p, w, g.contiguous(), segs[0] if segs else None))
-    del opt._writeback[n_writeback:]
+    todo = _qualifying(opt, group, present, "cpu")
     b1, b2 = group["betas"]
     rows, ptrs, geom, scal, pscal, taus, keep, goff = [], [], [], [], [], [], [], 0
     for p, w, g, seg in todo:
@@ -171,6 +152,23 @@ def build_proxgen(opt, group, present):
     tab = Table(rows, ptrs, geom, scal, taus, goff, keep)
     tab.pscal, tab.handled = pscal, {id(r[0]) for r in rows}
     return tab
+
+
+def _qualifying(opt, group, present, device_type):
+    """``(p, w, g, regularized segment or None)`` of the tensors that take a table step (on the
+    first one's device), decided before anything changes."""
+    todo, first = [], None
+    n_writeback = len(opt._writeback)
+    for k, p, w, g in opt._params(group, present):
+        first = w.device if first is None else first
+        if (why_not(opt, group, k, p, w, device_type) is not None or w.device != first
+                or g.dtype != torch.float32 or g.device != w.device):
+            continue
+        segs = [s for s in opt._segments(group, p, k) if _regularized(group, s)]
+        todo.append((p, w, g.contiguous(), segs[0] if segs else None))
+    del opt._writeback[n_writeback:]  # only rejected (non-contiguous) tensors add entries: the
+    #                                   torch path collects them again
+    return todo
 
 
 def _regularized(group, seg) -> bool:

@@ -58,6 +58,10 @@ class StructuredOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ validation
     def _validate_group(self, g: dict, i: int) -> None:
         where = f"param_groups[{i}]"
+        if "backend" in g:  # RAMDA, ProxGen: the step's kernels (ramda_ds.kernels)
+            from .. import kernels
+
+            kernels.check_backend(g["backend"], where)
         _check(isinstance(g["lr"], (int, float)) and math.isfinite(g["lr"]) and g["lr"] >= 0,
                f"{where}: lr must be a finite number >= 0, got {g['lr']!r}")
         _check(g["regularizer"] in REGULARIZERS,
@@ -116,6 +120,16 @@ class StructuredOptimizer(torch.optim.Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+
+    def load_state_dict(self, state_dict):
+        """As torch's, except that each group keeps this optimizer's ``backend`` (where it has
+        one): it says how the step runs here (like the device), not what is computed, and a
+        checkpoint written with another one must not switch it silently."""
+        backends = [g.get("backend") for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for g, b in zip(self.param_groups, backends):
+            if b is not None:
+                g["backend"] = b
 
     # ------------------------------------------------------------------ the step
     @torch.no_grad()

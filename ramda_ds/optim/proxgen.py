@@ -42,17 +42,6 @@ class ProxGen(StructuredOptimizer):
     def init_state(self, w, dtype):
         return dict(exp_avg=torch.zeros_like(w, dtype=dtype), exp_avg_sq=torch.zeros_like(w, dtype=dtype))
 
-    def _validate_group(self, g, i):
-        super()._validate_group(g, i)
-        kernels.check_backend(g["backend"], f"param_groups[{i}]")
-
-    def load_state_dict(self, state_dict):
-        """As torch's; each group keeps this optimizer's ``backend`` (see RAMDA's)."""
-        backends = [g["backend"] for g in self.param_groups]
-        super().load_state_dict(state_dict)
-        for g, b in zip(self.param_groups, backends):
-            g["backend"] = b
-
     def _update_group(self, group, present):
         if group["backend"] != "torch" and group["params"] and group["solver"] != "exact" and \
                 kernels.choose(group["backend"], group["params"][0].device) == "native":

@@ -56,19 +56,6 @@ class RAMDA(StructuredOptimizer):
                                       keep_structured=keep_structured,
                                       warm_start=warm_start, backend=backend), view)
 
-    def load_state_dict(self, state_dict):
-        """As torch's, except that each group keeps this optimizer's ``backend``: it says how the
-        step runs here (like the device), not what is computed, and a checkpoint written with
-        another one must not switch it silently."""
-        backends = [g["backend"] for g in self.param_groups]
-        super().load_state_dict(state_dict)
-        for g, b in zip(self.param_groups, backends):
-            g["backend"] = b
-
-    def _validate_group(self, g, i):
-        super()._validate_group(g, i)
-        kernels.check_backend(g["backend"], f"param_groups[{i}]")
-
     def init_state(self, w, dtype):
         return dict(alpha=torch.zeros((), dtype=torch.float64),
                     grad_sum=torch.zeros_like(w, dtype=dtype),
