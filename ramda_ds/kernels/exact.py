@@ -52,6 +52,30 @@ def _cbrt(x):
 
 
 @triton.jit
+def _tile(bi, a0, na, sa, sb, c, sc, cm, BA: tl.constexpr):
+    """Offsets and mask of one [BA, BC] tile: rows a0.. of slice bi, groups c (mask cm)."""
+    a = a0 + tl.arange(0, BA)
+    return bi * sb + a[:, None] * sa + c[None, :] * sc, (a[:, None] < na) & cm[None, :]
+
+
+@triton.jit
+def _dual_averaging(gp, Vp, Up, off, m, s, eps):
+    """``V += s·g; U += s·g²`` (stored) on a tile; returns ``(V, P = ∛U + ε)``."""
+    g = tl.load(gp + off, mask=m, other=0.0)
+    V = tl.load(Vp + off, mask=m, other=0.0) + s * g
+    U = tl.load(Up + off, mask=m, other=0.0) + s * g * g
+    tl.store(Vp + off, V, mask=m)
+    tl.store(Up + off, U, mask=m)
+    return V, _cbrt(U) + eps
+
+
+@triton.jit
+def _lerp(W, z, w):
+    """torch.lerp(W, z, w) for a scalar weight."""
+    return tl.where(w < 0.5, W + w * (z - W), z - (z - W) * (1.0 - w))
+
+
+@triton.jit
 def _geometry(geom, t, cb, BC: tl.constexpr):
     na = tl.load(geom + t * 7 + 0)
     sa = tl.load(geom + t * 7 + 1)
@@ -85,16 +109,9 @@ def _stage(ptrs, geom, scal, bb_out, pmax_out, pmin_out, BA: tl.constexpr, BC: t
         pmin = tl.full((BC,), float("inf"), tl.float32)
         for bi in range(0, nb):
             for a0 in range(0, na, BA):
-                a = a0 + tl.arange(0, BA)
-                m = (a[:, None] < na) & cm[None, :]
-                off = bi * sb + a[:, None] * sa + c[None, :] * sc
-                g = tl.load(gp + off, mask=m, other=0.0)
-                V = tl.load(Vp + off, mask=m, other=0.0) + s * g
-                U = tl.load(Up + off, mask=m, other=0.0) + s * g * g
-                P = _cbrt(U) + eps
+                off, m = _tile(bi, a0, na, sa, sb, c, sc, cm, BA)
+                V, P = _dual_averaging(gp, Vp, Up, off, m, s, eps)
                 b = P * tl.load(W0p + off, mask=m, other=0.0) - V
-                tl.store(Vp + off, V, mask=m)
-                tl.store(Up + off, U, mask=m)
                 tl.store(Pp + off, P, mask=m)
                 tl.store(bp + off, b, mask=m)
                 acc += tl.sum((b * b).to(tl.float64), axis=0)
@@ -118,9 +135,7 @@ def _newton(ptrs, geom, mu, z2_out, z3_out, BA: tl.constexpr, BC: tl.constexpr):
         acc3 = tl.zeros((BC,), dtype=tl.float64)
         for bi in range(0, nb):
             for a0 in range(0, na, BA):
-                a = a0 + tl.arange(0, BA)
-                m = (a[:, None] < na) & cm[None, :]
-                off = bi * sb + a[:, None] * sa + c[None, :] * sc
+                off, m = _tile(bi, a0, na, sa, sb, c, sc, cm, BA)
                 P = tl.load(Pp + off, mask=m, other=1.0)
                 b = tl.load(bp + off, mask=m, other=0.0)
                 d = 1.0 / (P + m_g[None, :])
@@ -144,14 +159,12 @@ def _finish(ptrs, geom, scal, mu, act, BA: tl.constexpr, BC: tl.constexpr):
         a_g = tl.load(act + g0 + c, mask=cm, other=0.0)
         for bi in range(0, nb):
             for a0 in range(0, na, BA):
-                a = a0 + tl.arange(0, BA)
-                m = (a[:, None] < na) & cm[None, :]
-                off = bi * sb + a[:, None] * sa + c[None, :] * sc
+                off, m = _tile(bi, a0, na, sa, sb, c, sc, cm, BA)
                 P = tl.load(Pp + off, mask=m, other=1.0)
                 b = tl.load(bp + off, mask=m, other=0.0)
                 z = b / (P + m_g[None, :]) * a_g[None, :]
                 W = tl.load(Wp + off, mask=m, other=0.0)
-                W = tl.where(w < 0.5, W + w * (z - W), z - (z - W) * (1.0 - w))  # torch.lerp
+                W = _lerp(W, z, w)
                 tl.store(Zp + off, z, mask=m)
                 tl.store(Wp + off, W, mask=m)
 

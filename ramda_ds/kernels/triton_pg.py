@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from . import LAUNCHES, table
-from .exact import BA, BC, _cbrt, _geom, _geometry
+from .exact import BA, BC, _dual_averaging, _geom, _geometry, _lerp, _tile
 from ..groups import GroupLayout
 
 F64 = torch.float64
@@ -46,20 +46,13 @@ def _free(ptrs, geom, scal, BA: tl.constexpr, BC: tl.constexpr):
         cm = c < nc
         for bi in range(0, nb):
             for a0 in range(0, na, BA):
-                a = a0 + tl.arange(0, BA)
-                m = (a[:, None] < na) & cm[None, :]
-                off = bi * sb + a[:, None] * sa + c[None, :] * sc
-                g = tl.load(gp + off, mask=m, other=0.0)
-                V = tl.load(Vp + off, mask=m, other=0.0) + s * g
-                U = tl.load(Up + off, mask=m, other=0.0) + s * g * g
-                P = _cbrt(U) + eps
+                off, m = _tile(bi, a0, na, sa, sb, c, sc, cm, BA)
+                V, P = _dual_averaging(gp, Vp, Up, off, m, s, eps)
                 z = tl.load(W0p + off, mask=m, other=0.0) - V / P
-                tl.store(Vp + off, V, mask=m)
-                tl.store(Up + off, U, mask=m)
                 if zi != 0:
                     tl.store(zi.to(tl.pointer_type(tl.float32)) + off, z, mask=m)
                 W = tl.load(Wp + off, mask=m, other=0.0)
-                W = tl.where(w < 0.5, W + w * (z - W), z - (z - W) * (1.0 - w))  # torch.lerp
+                W = _lerp(W, z, w)
                 tl.store(Wp + off, W, mask=m)
 
 
@@ -79,17 +72,10 @@ def _pg_stage(ptrs, geom, scal, bb_out, cst_out, pmax_out, BA: tl.constexpr, BC:
         pmax = tl.full((BC,), float("-inf"), tl.float32)
         for bi in range(0, nb):
             for a0 in range(0, na, BA):
-                a = a0 + tl.arange(0, BA)
-                m = (a[:, None] < na) & cm[None, :]
-                off = bi * sb + a[:, None] * sa + c[None, :] * sc
-                g = tl.load(gp + off, mask=m, other=0.0)
-                V = tl.load(Vp + off, mask=m, other=0.0) + s * g
-                U = tl.load(Up + off, mask=m, other=0.0) + s * g * g
-                P = _cbrt(U) + eps
+                off, m = _tile(bi, a0, na, sa, sb, c, sc, cm, BA)
+                V, P = _dual_averaging(gp, Vp, Up, off, m, s, eps)
                 W0 = tl.load(W0p + off, mask=m, other=0.0)
                 b = P * W0 - V
-                tl.store(Vp + off, V, mask=m)
-                tl.store(Up + off, U, mask=m)
                 tl.store(Pp + off, P, mask=m)
                 tl.store(bp + off, b, mask=m)
                 acc += tl.sum((b * b).to(tl.float64), axis=0)
@@ -124,9 +110,7 @@ def _pg_chunk(ptrs, geom, n_iter, n_max, nblk, tau_t, eta, f, src, dst, q_out,
             a3 = tl.zeros((BC,), dtype=tl.float64)
             for bi in range(0, nb):
                 for a0 in range(0, na, BA):
-                    a = a0 + tl.arange(0, BA)
-                    m = (a[:, None] < na) & cm[None, :]
-                    off = bi * sb + a[:, None] * sa + c[None, :] * sc
+                    off, m = _tile(bi, a0, na, sa, sb, c, sc, cm, BA)
                     P = tl.load(Pp + off, mask=m, other=0.0)
                     b = tl.load(bp + off, mask=m, other=0.0)
                     if it == 0:
@@ -161,14 +145,12 @@ def _pg_finish(ptrs, geom, scal, f, ycol, BA: tl.constexpr, BC: tl.constexpr):
         fg = tl.load(f + g0 + c, mask=cm, other=0.0).to(tl.float32)
         for bi in range(0, nb):
             for a0 in range(0, na, BA):
-                a = a0 + tl.arange(0, BA)
-                m = (a[:, None] < na) & cm[None, :]
-                off = bi * sb + a[:, None] * sa + c[None, :] * sc
+                off, m = _tile(bi, a0, na, sa, sb, c, sc, cm, BA)
                 z = tl.load(Yp + off, mask=m, other=0.0) * fg[None, :]
                 if zi != 0:
                     tl.store(zi.to(tl.pointer_type(tl.float32)) + off, z, mask=m)
                 W = tl.load(Wp + off, mask=m, other=0.0)
-                W = tl.where(w < 0.5, W + w * (z - W), z - (z - W) * (1.0 - w))  # torch.lerp
+                W = _lerp(W, z, w)
                 tl.store(Wp + off, W, mask=m)
 
 
