@@ -356,6 +356,44 @@ void ramda_pg_chunk(const int64_t *ptrs, const int64_t *geom, const int64_t *ite
     }
 }
 
+/* One PG iteration for sharded tensors, whose groups' sums are completed across ranks before
+ * f can be computed: over the items of tensors with live[t] != 0, Z = f*Y (Y from column src,
+ * or W for src 6), Y = eta*b + (1 - eta*P)*Z into column dst, and per group the partial sums
+ * s1 = sum Y^2, s2 = sum P*Y^2, s3 = sum b*Y at goff + c0 + j (the same ops as ramda_pg_chunk). */
+void ramda_pg_iter(const int64_t *ptrs, const int64_t *geom, const int64_t *items, int64_t i0,
+                   int64_t i1, const int32_t *live, const double *eta, const double *f, int src,
+                   int dst, double *s1, double *s2, double *s3) {
+    double a1[MAXW], a2[MAXW], a3[MAXW];
+    float fg[MAXW], eg[MAXW];
+    for (int64_t it = i0; it < i1; it++) {
+        ITEM_HEADER
+        if (!live[t]) continue;
+        const int64_t off = R * K * c0; /* P, b, Y, Y' are item-packed; W is not */
+        const float *Pp = F(t, 4) + off, *bp = F(t, 5) + off;
+        float *Yp = F(t, dst) + off;
+        for (int64_t j = 0; j < nw; j++) {
+            a1[j] = 0.0; a2[j] = 0.0; a3[j] = 0.0;
+            fg[j] = (float)f[goff + c0 + j];
+            eg[j] = (float)eta[goff + c0 + j];
+        }
+        if (src == 6) {
+            const float *Wsrc = F(t, 6);
+            FOR_ELEMENTS({
+                const int64_t ip = PACKED_INDEX;
+                PG_ELEMENT(Wsrc[i])
+            })
+        } else {
+            const float *Ys = F(t, src) + off;
+            FOR_PACKED({ PG_ELEMENT(Ys[ip]) })
+        }
+        for (int64_t j = 0; j < nw; j++) {
+            s1[goff + c0 + j] = a1[j];
+            s2[goff + c0 + j] = a2[j];
+            s3[goff + c0 + j] = a3[j];
+        }
+    }
+}
+
 /* PG's result: Z = f*Y (Y from column ycol[t]) and W <- lerp(W, Z, c) */
 void ramda_pg_finish(const int64_t *ptrs, const int64_t *geom, const double *scal,
                      const int64_t *items, int64_t i0, int64_t i1, const double *f,

@@ -189,6 +189,16 @@ class _Kernels:
         return torch.zeros(T, n_max, dtype=F64).index_add_(
             0, self.items.tensor, q_out.view(-1, n_max)).tolist()
 
+    def iterate(self, live, f, eta, src, dst):
+        """One PG iteration of the rows with ``live[t]`` (sharded tensors, :mod:`.sharded`):
+        ``Y_dst = ηb + (1 − ηP)∘(f∘Y_src)`` and per row slot ``[ΣY², ΣPY², ΣbY]`` (``[3, G]``)."""
+        out = torch.zeros(3, self.tab.G, dtype=F64)
+        live = live.to(torch.int32).contiguous()
+        _run(self.lib.ramda_pg_iter, self.head, self.items, live.data_ptr(), eta.data_ptr(),
+             f.data_ptr(), src, dst, out[0].data_ptr(), out[1].data_ptr(), out[2].data_ptr(),
+             ranges=self.items.weighted(live.tolist()))
+        return out
+
     def finish(self, f, ycol):
         yc = torch.tensor(ycol, dtype=torch.int64)
         _run(self.lib.ramda_pg_finish, self.head3, self.items, f.data_ptr(), yc.data_ptr())

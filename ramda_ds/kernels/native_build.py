@@ -125,6 +125,7 @@ def load() -> ctypes.CDLL:
             "ramda_pg_chunk": [P, P, P, I, I, P, ctypes.c_int, P, P, P, ctypes.c_int,
                                ctypes.c_int, P],
             "ramda_pg_finish": [P, P, P, P, I, I, P, P],
+            "ramda_pg_iter": [P, P, P, I, I, P, P, P, ctypes.c_int, ctypes.c_int, P, P, P],
             "ramda_cbrt": [P, P, I],
             "proxgen_free": [P, P, P, P, I, I],
             "proxgen_pg_stage": [P, P, P, P, I, I, P, P, P],

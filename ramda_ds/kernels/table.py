@@ -70,14 +70,55 @@ def why_not(opt, group, k, p, w, device_type: str | None = None) -> str | None:
              and segs[0].hi == w.numel())
     if reg and not (whole and reg[0].groups.group_lo == 0 and len(reg[0].groups.pieces) == 1):
         return "regularized only in part, or sharded"
+    return state_problem(opt, p, w)
+
+
+def state_problem(opt, p, w) -> str | None:
+    """Why ``p``'s existing optimizer state cannot be read by a float32 kernel, or None."""
     st = opt.state.get(p) or {}
     for key in sorted(opt.state_keys()):
         t = st.get(key)
+        if t is not None and torch.is_tensor(t):
+            t = opt.view.local(t)
         if t is not None and (not torch.is_tensor(t) or t.dtype != torch.float32
                               or not t.is_contiguous() or t.device != w.device
                               or t.numel() != w.numel()):
             return f"state {key} is {getattr(t, 'dtype', type(t).__name__)}, not float32 like the param"
     return None
+
+
+def ramda_tensor(opt, group, p, w):
+    """Advance tensor ``p``'s step and α exactly as the torch path does: ``(state, [s, ε, c],
+    α)`` with ``s = lr·√t`` (the row's scalars, without the mode)."""
+    st = opt.local_state(p, w)
+    stage, i = opt._advance(group, st)
+    s = opt._decayed(group, "lr", stage) * math.sqrt(i)  # s_t = lr·√t
+    st["alpha"] += s
+    return st, [s, opt._decayed(group, "eps", stage), opt._c(group, stage, i)], st["alpha"].item()
+
+
+def proxgen_tensor(opt, group, p, w):
+    """ProxGen's counterpart of :func:`ramda_tensor`: ``(state, [a = lr/(1−β1^t), ε, 1−β1, β2,
+    1−β2, √(1−β2^t), 1−lr·wd], lr)`` (the AdamW stage's scalars, without the mode)."""
+    b1, b2 = group["betas"]
+    st = opt.local_state(p, w)
+    lr = opt._decayed(group, "lr", opt._advance(group, st)[0])
+    t = st["step"].item()  # per tensor, as AdamW
+    return st, [lr / (1 - b1 ** t), group["eps"], 1 - b1, b2, 1 - b2, math.sqrt(1 - b2 ** t),
+                1 - lr * group["weight_decay"]], lr
+
+
+def ramda_ptrs(g, st, w, P, b, z, Y, off: int = 0) -> list[int]:
+    """A RAMDA row's pointers ``g, V, U, W0, P, b, W, Ŵ, Y, Y'``; ``off``: the row's first element
+    in the flat tensors ``g, V, U, W0, W, Ŵ`` (``P, b, Y`` are the row's own)."""
+    return [_ptr(g, off), _ptr(st["grad_sum"], off), _ptr(st["grad_sq_sum"], off),
+            _ptr(st["initial"], off), _ptr(P), _ptr(b), _ptr(w, off), _ptr(z, off), _ptr(Y), 0]
+
+
+def proxgen_ptrs(g, st, w, P, b, z, Y, off: int = 0) -> list[int]:
+    """A ProxGen row's pointers ``g, m, v, -, P, b, W, -, Y, Y'`` (see :func:`ramda_ptrs`)."""
+    return [_ptr(g, off), _ptr(st["exp_avg"], off), _ptr(st["exp_avg_sq"], off), 0, _ptr(P),
+            _ptr(b), _ptr(w, off), 0, _ptr(Y), 0]
 
 
 def build(opt, group, present, pg: bool, device_type: str | None = None):
@@ -89,10 +130,7 @@ def build(opt, group, present, pg: bool, device_type: str | None = None):
 
     rows, ptrs, geom, scal, taus, keep, goff = [], [], [], [], [], [], 0
     for p, w, g, seg in todo:
-        st = opt.local_state(p, w)
-        stage, i = opt._advance(group, st)
-        s = opt._decayed(group, "lr", stage) * math.sqrt(i)  # s_t = lr·√t
-        st["alpha"] += s
+        st, sc, alpha = ramda_tensor(opt, group, p, w)
         P, b = (torch.empty_like(w), torch.empty_like(w)) if pg and seg is not None else (None, None)
         Y = torch.empty_like(w) if pg and seg is not None else None  # Y' is allocated on demand
         z = torch.empty_like(w) if group["keep_structured"] else None
@@ -100,16 +138,14 @@ def build(opt, group, present, pg: bool, device_type: str | None = None):
             lay = seg.groups.layout
             geom.append([lay.rows, lay.groups, lay.inner, goff])
             goff += lay.groups
-            taus.append(group_tau(group, seg, st["alpha"].item()))
+            taus.append(group_tau(group, seg, alpha))
         else:  # unregularized: Ŵ = W0 − V/P, no groups
             lay = GroupLayout(1, w.numel(), 1)
             geom.append([1, w.numel(), 1, -1])
             taus.append(0.0)
         mode = MODE_FREE if seg is None else (MODE_PG if pg else MODE_EXACT)
-        ptrs.append([g.data_ptr(), st["grad_sum"].data_ptr(), st["grad_sq_sum"].data_ptr(),
-                     st["initial"].data_ptr(), _ptr(P), _ptr(b), w.data_ptr(),
-                     _ptr(z), _ptr(Y), 0])
-        scal.append([s, opt._decayed(group, "eps", stage), opt._c(group, stage, i), float(mode)])
+        ptrs.append(ramda_ptrs(g, st, w, P, b, z, Y))
+        scal.append(sc + [float(mode)])
         rows.append((p, w, st, z, seg, lay))
         keep.append((g, P, b, Y))
     tab = Table(rows, ptrs, geom, scal, taus, goff, keep)
@@ -124,12 +160,9 @@ def build_proxgen(opt, group, present):
     from ..optim.base import group_tau
 
     todo = _qualifying(opt, group, present, "cpu")
-    b1, b2 = group["betas"]
     rows, ptrs, geom, scal, pscal, taus, keep, goff = [], [], [], [], [], [], [], 0
     for p, w, g, seg in todo:
-        st = opt.local_state(p, w)
-        lr = opt._decayed(group, "lr", opt._advance(group, st)[0])
-        t = st["step"].item()  # per tensor, as AdamW
+        st, psc, lr = proxgen_tensor(opt, group, p, w)
         P, b, Y = ((torch.empty_like(w), torch.empty_like(w), torch.empty_like(w))
                    if seg is not None else (None, None, None))
         if seg is not None:
@@ -142,11 +175,9 @@ def build_proxgen(opt, group, present):
             geom.append([1, w.numel(), 1, -1])
             taus.append(0.0)
         mode = MODE_FREE if seg is None else MODE_PG
-        ptrs.append([g.data_ptr(), st["exp_avg"].data_ptr(), st["exp_avg_sq"].data_ptr(), 0,
-                     _ptr(P), _ptr(b), w.data_ptr(), 0, _ptr(Y), 0])
+        ptrs.append(proxgen_ptrs(g, st, w, P, b, None, Y))
         scal.append([0.0, group["eps"], 1.0, float(mode)])  # c = 1: the finish writes W = Ŵ
-        pscal.append([lr / (1 - b1 ** t), group["eps"], 1 - b1, b2, 1 - b2,
-                      math.sqrt(1 - b2 ** t), 1 - lr * group["weight_decay"], float(mode)])
+        pscal.append(psc + [float(mode)])
         rows.append((p, w, st, None, seg, lay))
         keep.append((g, P, b, Y))
     tab = Table(rows, ptrs, geom, scal, taus, goff, keep)
@@ -177,8 +208,9 @@ def _regularized(group, seg) -> bool:
     return is_regularized(group, seg)
 
 
-def _ptr(x) -> int:
-    return 0 if x is None else x.data_ptr()
+def _ptr(x, off: int = 0) -> int:
+    """Address of element ``off`` of ``x`` (0 for None)."""
+    return 0 if x is None else x.data_ptr() + off * x.element_size()
 
 
 # ----------------------------------------------------------------------------- chunked PG

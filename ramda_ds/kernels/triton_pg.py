@@ -132,6 +132,39 @@ def _pg_chunk(ptrs, geom, n_iter, n_max, nblk, tau_t, eta, f, src, dst, q_out,
 
 
 @triton.jit
+def _pg_iter(ptrs, geom, live, eta, f, src, dst, s_out, G, BA: tl.constexpr, BC: tl.constexpr):
+    """One PG iteration of the rows with live[t] (sharded tensors): Y_dst = ηb + (1 − ηP)∘(f∘Y_src)
+    and per row slot ΣY², ΣPY², ΣbY into s_out[0 / G / 2G + slot]."""
+    cb = tl.program_id(0)
+    t = tl.program_id(1)
+    na, sa, nc, sc, nb, sb, g0, c = _geometry(geom, t, cb, BC)
+    if (cb * BC < nc) & (tl.load(live + t) != 0):
+        Pp, bp = _p(ptrs, t, 4), _p(ptrs, t, 5)
+        Yd, Ys = _p(ptrs, t, dst), _p(ptrs, t, src)
+        cm = c < nc
+        fg = tl.load(f + g0 + c, mask=cm, other=0.0).to(tl.float32)
+        eg = tl.load(eta + g0 + c, mask=cm, other=0.0).to(tl.float32)
+        a1 = tl.zeros((BC,), dtype=tl.float64)
+        a2 = tl.zeros((BC,), dtype=tl.float64)
+        a3 = tl.zeros((BC,), dtype=tl.float64)
+        for bi in range(0, nb):
+            for a0 in range(0, na, BA):
+                off, m = _tile(bi, a0, na, sa, sb, c, sc, cm, BA)
+                P = tl.load(Pp + off, mask=m, other=0.0)
+                b = tl.load(bp + off, mask=m, other=0.0)
+                z = tl.load(Ys + off, mask=m, other=0.0) * fg[None, :]
+                y = b * eg[None, :] + (1.0 - P * eg[None, :]) * z
+                tl.store(Yd + off, y, mask=m)
+                yd = y.to(tl.float64)
+                a1 += tl.sum(yd * yd, axis=0)
+                a2 += tl.sum(P.to(tl.float64) * yd * yd, axis=0)
+                a3 += tl.sum(b.to(tl.float64) * yd, axis=0)
+        tl.store(s_out + g0 + c, a1, mask=cm)
+        tl.store(s_out + G + g0 + c, a2, mask=cm)
+        tl.store(s_out + 2 * G + g0 + c, a3, mask=cm)
+
+
+@triton.jit
 def _pg_finish(ptrs, geom, scal, f, ycol, BA: tl.constexpr, BC: tl.constexpr):
     cb = tl.program_id(0)  # blocks on grid x (up to 2^31 − 1; y and z stop at 65535)
     t = tl.program_id(1)
@@ -207,6 +240,16 @@ class _Kernels:
         _pg_chunk[self.grid](self.ptrs, self._reg_geom(), n_t, n_max, self.nblk, self.tau_t, eta,
                              f, src, dst, q_out, BA=BA, BC=BC)
         return q_out.view(T, self.nblk, n_max).sum(1).tolist()
+
+    def iterate(self, live, f, eta, src, dst):
+        """One PG iteration of the rows with ``live[t]`` (:mod:`.sharded`): ``[3, G]`` sums."""
+        G = self.tab.G
+        out = torch.zeros(3, max(G, 1), dtype=F64, device=self.dev)
+        lv = live.to(device=self.dev, dtype=torch.int32)
+        LAUNCHES[0] += 1
+        _pg_iter[self.grid](self.ptrs, self._reg_geom(), lv, eta, f, src, dst, out, max(G, 1),
+                            BA=BA, BC=BC)
+        return out[:, :G]
 
     def finish(self, f, ycol):
         yc = torch.tensor(ycol, dtype=torch.int64, device=self.dev)

@@ -46,7 +46,11 @@ class ProxGen(StructuredOptimizer):
         if group["backend"] != "torch" and group["params"] and group["solver"] != "exact" and \
                 kernels.choose(group["backend"], group["params"][0].device) == "native":
             from ..kernels.native import proxgen_native_step
-            present = present - proxgen_native_step(self, group, present)
+            from ..kernels.sharded import step as sharded_step
+            if self.view.sharded:
+                present = present - sharded_step(self, group, present, "proxgen", "native")
+            else:
+                present = present - proxgen_native_step(self, group, present)
         (b1, b2) = group["betas"]
         items, updates = [], []
         for k, p, w, g in self._params(group, present):

@@ -96,6 +96,9 @@ class RAMDA(StructuredOptimizer):
         if group["backend"] == "torch" or not group["params"]:
             return set()
         path = kernels.choose(group["backend"], group["params"][0].device)
+        if self.view.sharded and path != "torch":  # pieces of tensors, PG one iteration a pass
+            from ..kernels import sharded
+            return sharded.step(self, group, present, "ramda", path)
         if path == "native":
             from ..kernels.native import ramda_native_step
             return ramda_native_step(self, group, present)
@@ -115,16 +118,19 @@ def _tensor_paths(opt, group):
     and, when a requested fast path is not taken, why."""
     from ..kernels import table
 
-    n = len(group["params"])
+    params = [p for p, g, _ in opt.view.tensors(opt) if g is group]  # (ZeRO-3: its sub-groups)
+    n = len(params)
     if group["backend"] == "torch" or not n:
         return [("torch", None)] * n
-    dev = group["params"][0].device
+    dev = params[0].device
     path = kernels.choose(group["backend"], dev)
     why = None
     if path == "torch":
         why = f"no fast kernels for {dev} tensors here"
     elif not isinstance(opt, RAMDA) and (path != "native" or group["solver"] == "exact"):
         why = f"{type(opt).__name__} has a native PG step only"
+    elif opt.view.sharded:
+        return _sharded_paths(opt, group, path, params)
     elif opt.view.comm.world_size > 1:
         why = "the kernels need whole tensors; this view shards them"
     elif group["regularizer"] in ("l1", "nuclear"):
@@ -146,6 +152,22 @@ def _tensor_paths(opt, group):
     refused = [w for _, w in out if w is not None]
     if whole_group and refused:  # kernels/exact.py takes all of a group's tensors or none
         return [("torch", refused[0])] * n
+    return out
+
+
+def _sharded_paths(opt, group, path, params):
+    """:func:`_tensor_paths` under a sharded view (:mod:`ramda_ds.kernels.sharded`)."""
+    from ..kernels import sharded
+
+    why = sharded.eligible(opt, group)
+    if why is not None:
+        return [("torch", why)] * len(params)
+    out = []
+    for p in params:
+        w = opt.view.local(p.detach())
+        why = sharded.why_not(opt, group, p, w.view(-1) if w.is_contiguous() else w.reshape(-1),
+                              "cpu" if path == "native" else None)
+        out.append((path, None) if why is None else ("torch", f"{opt.view.name(p)}: {why}"))
     return out
 
 

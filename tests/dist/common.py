@@ -5,6 +5,8 @@ ZeRO-1/2 (45 + 140 + 7 elements) is cut at element 96, mid-row and mid-column of
 under FSDP2 ``head.weight`` ([1, 7]) leaves rank 1 with an empty shard.
 """
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -13,10 +15,12 @@ from ramda_ds.optim import RAMDA, RMDA, ProxGen, ProxSGD
 from ramda_ds.param_groups import build_param_groups
 
 STEPS = 5
+KERNELS = os.environ.get("RAMDA_TEST_KERNELS", "torch")  # RAMDA's and ProxGen's backend
 OPTIMIZERS = {
-    "RAMDA": lambda gs: RAMDA(gs, lr=0.05, momentum=0.1, milestones=(3,), keep_structured=True),
-    "RAMDA-exact": lambda gs: RAMDA(gs, lr=0.05, momentum=0.1, solver="exact"),
-    "ProxGen": lambda gs: ProxGen(gs, lr=0.01),
+    "RAMDA": lambda gs: RAMDA(gs, lr=0.05, momentum=0.1, milestones=(3,), keep_structured=True,
+                              backend=KERNELS),
+    "RAMDA-exact": lambda gs: RAMDA(gs, lr=0.05, momentum=0.1, solver="exact", backend=KERNELS),
+    "ProxGen": lambda gs: ProxGen(gs, lr=0.01, backend=KERNELS),
     "RMDA": lambda gs: RMDA(gs, lr=0.1, momentum=0.1),
     "ProxSGD": lambda gs: ProxSGD(gs, lr=0.1, momentum=0.1),
 }
@@ -35,8 +39,6 @@ class Net(nn.Module):
 
 def make_model():
     """The test model; starts from the weights in $RAMDA_TEST_INIT when set (resharding tests)."""
-    import os
-
     torch.manual_seed(0)
     net = Net()
     if os.environ.get("RAMDA_TEST_INIT"):

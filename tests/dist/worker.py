@@ -185,7 +185,12 @@ def main():
         for x, y in data[STEPS:]:
             step2(x, y)
         resumed = gather_full_state(opt2)
+        from ramda_ds.optim.ramda import kernel_plan
+
+        plan = kernel_plan(opt) if hasattr(opt, "state_keys") and "backend" in opt.param_groups[0] \
+            else "torch"
         results[name] = dict(full=full, stats=stats, wgs=wgs, continued=continued, resumed=resumed,
+                             kernel_plan=plan,
                              collectives_per_step=per_step, last_step=last_step,
                              sharded=[type(p).__name__ for g in opt.param_groups for p in g["params"]],
                              param_dims=[p.dim() for g in opt.param_groups for p in g["params"]])

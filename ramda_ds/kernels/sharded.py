@@ -1,0 +1,326 @@
+r"""The fast step under sharded views (ZeRO-1/2/3, FSDP2, FSDP1): table rows are *pieces*.
+
+A handed tensor holds segments of parameters (ZeRO-1/2: many, cut anywhere; FSDP: one) and a
+segment's groups are cut into at most five pieces ``[rows, ncols, inner]``
+(:class:`ramda_ds.groups.SegmentGroups`).  The table's rows are those pieces, plus *free* rows
+for the rest of the tensor (unregularized segments, padding: ``Ŵ = W0 − V/P`` as on the torch
+path), so the stage, finish and unregularized kernels of :mod:`.native` and :mod:`.triton_pg`
+run on it unchanged.  Only PG differs from :func:`.table.solve_pg_chunked`: a group that spans
+ranks is complete only after an all-reduce, so :func:`solve_pg` runs one iteration per pass:
+
+* pass j (``k.iterate``): ``Z = f_{j−1}∘Y_{j−1}``, ``Y_j = ηb + (1 − ηP)∘Z``, and per row slot the
+  partial sums ``ΣY², ΣPY², ΣbY``;
+* host, on the concatenated vectors of every problem at once: add the row slots into the
+  problem's groups (pieces of one segment share groups), complete the spanning groups with one
+  all-reduce that also completes ``Q`` of iterate ``j−1`` (the torch path's delayed stop
+  decision), then ``f_j = max(0, 1 − ητ/‖Y_j‖)`` and the shares of ``Q_j``.
+
+A *problem* is one regularized segment (empty ones included), exactly as on the torch path; every
+rank builds the same problems in the same order and makes the same stop decisions, so both ranks
+issue the same collectives: two for screening (``Σb²`` by sum, ``max P`` by max), one per
+iteration, one for the statistics.  The host work per iteration is a fixed number of ops on
+concatenated vectors, whatever the number of tensors.  Problems the view solves locally
+(replicated tensors, ``local_solve`` tensors with no spanning group) run in the same passes with
+no communication and stop on their own ``Q``, as on the torch path.  The all-reduce buffer holds
+every communicating problem's spanning groups until the last of them stops (the torch path drops
+stopped ones): the same results, some more bytes.
+
+Which tensors qualify is decided from properties every rank shares (dtypes, contiguity, state),
+never from the local shard, so no rank takes the torch path while another takes this one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..groups import GroupLayout
+from ..solvers import SolverStats
+from . import table
+
+F64 = torch.float64
+
+
+def eligible(opt, group) -> str | None:
+    """Why this sharded group's step cannot run on the kernels at all, or None."""
+    unreg = group["lam"] == 0 or group["regularizer"] is None
+    if group["regularizer"] not in (None, "group_lasso") and not unreg:
+        return f"regularizer {group['regularizer']}"
+    if group.get("inexact_eps0") is not None and not unreg:
+        return "inexact_eps0 (condition (7) stopping)"
+    if group.get("solver", "pg") == "exact" and not unreg:
+        return "the exact solver (sharded tensors: the kernels run PG only)"
+    return None
+
+
+def why_not(opt, group, p, w, device_type: str | None = None) -> str | None:
+    """Why sharded tensor ``p`` (its flat local ``w``) cannot take the kernels, or None: from
+    properties every rank shares only, and without asking for segments (their first use is a
+    collective)."""
+    if p.dtype != torch.float32:
+        return f"param dtype {p.dtype}"
+    if not opt.view.local(p.detach()).is_contiguous():
+        return "not a contiguous row-major tensor (e.g. channels_last)"
+    if device_type is not None and w.device.type != device_type:
+        return f"on {w.device}, not {device_type}"
+    return table.state_problem(opt, p, w)
+
+
+@dataclass
+class Problem:
+    """One regularized segment: its groups are slots ``[slot, slot + n)`` of the concatenated
+    per-group vectors."""
+
+    seg: object
+    tensor: int  # index into Sharded.tensors
+    slot: int
+    n: int
+    tau: float
+    delayed: bool  # its groups' sums and Q are completed by the view's all-reduce
+
+
+class Sharded:
+    """The table of one sharded step, its problems and the index vectors that map row slots to
+    problem slots and spanning slots to the all-reduce buffer."""
+
+    def __init__(self, tab, tensors, probs, row_prob, slot_map, comm, device):
+        self.tab, self.tensors, self.probs, self.comm = tab, tensors, probs, comm
+        counts = [pr.n for pr in probs]
+        self.G = sum(counts)
+        self.nP = len(probs)
+        i64 = dict(dtype=torch.int64, device=device)
+        self.row_prob_cpu = torch.tensor(row_prob, dtype=torch.int64)  # −1: a free row
+        self.slot_map = torch.tensor(slot_map, **i64)
+        self.prob_of = torch.repeat_interleave(torch.arange(self.nP, **i64),
+                                               torch.tensor(counts, **i64))
+        self.tau = torch.tensor([pr.tau for pr in probs], dtype=F64, device=device)[self.prob_of]
+        owned, idx, pos, L = [], [], [], 0
+        for pr in probs:
+            span = pr.seg.span
+            owned.append(torch.ones(pr.n, dtype=F64, device=device) if span is None
+                         else span.owned.to(device=device, dtype=F64))
+            if pr.delayed and span is not None and span.count:
+                idx.append(pr.slot + span.local_idx.to(device))
+                pos.append(L + span.global_pos.to(device))
+                L += span.count
+        self.owned = torch.cat(owned) if owned else torch.zeros(0, dtype=F64, device=device)
+        self.span_idx = torch.cat(idx) if idx else torch.zeros(0, **i64)
+        self.span_pos = torch.cat(pos) if pos else torch.zeros(0, **i64)
+        self.L = L  # spanning slots of the communicating problems, the same on every rank
+        self.delayed = [pr.delayed for pr in probs]
+        self.device = device
+
+    def to_problems(self, row_vals, op="sum"):
+        """Per problem slot: the row slots' values added (max for ``op="max"``)."""
+        if op == "max":
+            out = torch.full((self.G,), -math.inf, dtype=F64, device=self.device)
+            return out.scatter_reduce_(0, self.slot_map, row_vals.to(F64), "amax")
+        shape = row_vals.shape[:-1] + (self.G,)
+        return torch.zeros(shape, dtype=F64, device=self.device).index_add_(
+            -1, self.slot_map, row_vals)
+
+    def per_problem(self, slot_vals):
+        return torch.zeros(self.nP, dtype=F64, device=self.device).index_add_(0, self.prob_of,
+                                                                              slot_vals)
+
+    def complete(self, vals, scalars=None, op="sum"):
+        """Complete the spanning slots of ``vals`` (``[..., G]``, in place) and sum ``scalars``
+        (a float64 vector, returned) over ranks in one collective; nothing without one."""
+        if self.comm is None or (not self.L and scalars is None):
+            return scalars
+        lead = vals.shape[:-1]
+        blk = torch.full(lead + (self.L,), -math.inf if op == "max" else 0.0, dtype=F64,
+                         device=self.device)
+        blk[..., self.span_pos] = vals[..., self.span_idx]
+        buf = torch.cat([blk.reshape(-1)] + ([scalars] if scalars is not None else []))
+        (self.comm.max_ if op == "max" else self.comm.sum_)(buf)
+        n = blk.numel()
+        vals[..., self.span_idx] = buf[:n].view(blk.shape)[..., self.span_pos]
+        return buf[n:] if scalars is not None else None
+
+
+def build(opt, group, present, kind: str, device_type: str | None):
+    """The pieces table of the tensors of ``group`` that qualify (:func:`why_not`), advancing
+    their step and α; ``kind``: ``"ramda"`` or ``"proxgen"``.  ``None`` when none qualifies."""
+    from ..optim.base import group_tau, is_regularized
+
+    todo, first, n_wb = [], None, len(opt._writeback)
+    for k, p, w, g in opt._params(group, present):
+        first = w.device if first is None else first
+        if why_not(opt, group, p, w, device_type) is None and w.device == first:
+            todo.append((k, p, w, g.contiguous()))
+    del opt._writeback[n_wb:]  # (only refused, non-contiguous tensors add entries)
+    if not todo:
+        return None
+    segments = [[seg for seg in opt._segments(group, p, k) if is_regularized(group, seg)]
+                for k, p, _, _ in todo]
+    n_rows = sum(len(seg.groups.pieces) + 1 for segs in segments for seg in segs) + len(todo)
+    if device_type is None and n_rows > 65535:  # checked before any state changes
+        raise RuntimeError(f"up to {n_rows} table rows: the Triton kernels take at most 65535 "
+                           "(a CUDA grid's y dimension); use backend='torch' for this param group")
+    ramda = kind == "ramda"
+    keep_z = ramda and group.get("keep_structured", False)
+    rows, ptrs, geom, scal, pscal, taus, keep = [], [], [], [], [], [], []
+    tensors, probs, row_prob, slot_map, comms = [], [], [], [], set()
+    row_slot = prob_slot = 0
+    for (k, p, w, g), regs in zip(todo, segments):
+        if ramda:
+            st, sc, scale = table.ramda_tensor(opt, group, p, w)
+            make_ptrs = table.ramda_ptrs
+        else:
+            st, psc, scale = table.proxgen_tensor(opt, group, p, w)
+            sc, make_ptrs = [0.0, group["eps"], 1.0], table.proxgen_ptrs  # c = 1: W = Ŵ
+        z = torch.empty_like(w) if keep_z else None
+        P, b, Y = torch.empty_like(w), torch.empty_like(w), torch.empty_like(w)
+        keep.append((g, P, b, Y))
+        ti = len(tensors)
+        tensors.append((p, w, st, z))
+
+        def add(off, n, lay, gslot, mode, tau, prob, seg):
+            r = slice(off, off + n)
+            ptrs.append(make_ptrs(g, st, w, P[r], b[r], z, Y[r], off))
+            geom.append([lay.rows, lay.groups, lay.inner, gslot])
+            scal.append(sc + [float(mode)])
+            if not ramda:
+                pscal.append(psc + [float(mode)])
+            taus.append(tau)
+            rows.append((p, w[r], st, z, seg, lay))
+            row_prob.append(prob)
+
+        covered = []
+        for seg in regs:
+            comm = opt.view.comm_for(seg)
+            delayed = comm.world_size > 1
+            if delayed:
+                comms.add(comm)
+            pr = Problem(seg, ti, prob_slot, seg.groups.num_groups if seg.numel else 0,
+                         group_tau(group, seg, scale), delayed)
+            for pc in seg.groups.pieces if seg.numel else ():
+                add(seg.lo + pc.lo, pc.hi - pc.lo, GroupLayout(pc.rows, pc.ncols, pc.inner),
+                    row_slot, table.MODE_PG, pr.tau, len(probs), seg)
+                slot_map.extend(range(prob_slot + pc.col, prob_slot + pc.col + pc.ncols))
+                row_slot += pc.ncols
+            covered.append((seg.lo, seg.hi))
+            probs.append(pr)
+            prob_slot += pr.n
+        at = 0  # everything else: unregularized, Ŵ = W0 − V/P (ProxGen: AdamW's step)
+        for lo, hi in sorted(covered) + [(w.numel(), w.numel())]:
+            if lo > at:
+                add(at, lo - at, GroupLayout(1, lo - at, 1), -1, table.MODE_FREE, 0.0, -1, None)
+            at = max(at, hi)
+    if len(comms) > 1:
+        raise RuntimeError("a sharded view named more than one reducer for one param group")
+    tab = table.Table(rows, ptrs, geom, scal, taus, row_slot, keep)
+    tab.handled = {id(t[0]) for t in tensors}
+    if not ramda:
+        tab.pscal = pscal
+    return Sharded(tab, tensors, probs, row_prob, slot_map, next(iter(comms), None), first)
+
+
+def solve_pg(k, group, sh: Sharded):
+    """PG (Alg. 2, the paper's stop rule) on every problem of ``sh`` with kernel set ``k``
+    (``stage``, ``iterate``, ``spare``, ``finish``); the :class:`SolverStats` per problem."""
+    rtol, max_iters = group["rtol"], group["max_iters"]
+    rb, rc, rp = k.stage()
+    bb, cst, pmax = sh.to_problems(rb), sh.to_problems(rc), sh.to_problems(rp, "max")
+    sh.complete(bb)  # screening: ‖b_g‖ > τ, complete over ranks
+    sh.complete(pmax, op="max")  # the step 1/max P_g
+    act = bb.sqrt() > sh.tau
+    eta = torch.where(act, 1.0 / pmax, torch.zeros_like(pmax))
+    const = sh.per_problem(cst * act)  # this rank's elements of Q's constant
+    f = act.to(F64)  # f_0: the warm start W with screened groups set to 0
+    eta_rows = eta[sh.slot_map].contiguous()
+    nP, dev = sh.nP, f.device
+    done = [False] * nP
+    iters, q_last, q_prev, ycol = [0] * nP, [math.nan] * nP, [math.nan] * nP, [table.COL_Y] * nP
+
+    def decide(which, q, j):  # q: complete Q(Z^j) per problem, identical on every rank
+        for i in which:
+            q_prev[i], q_last[i] = q_last[i], q[i]
+            if j >= 2 and (q_prev[i] - q[i]) / (abs(q[i]) + 1.0) < rtol:
+                done[i], iters[i] = True, j
+
+    def per_row(vals):  # a per-problem list as a per-row tensor (free rows: index −1, a 0)
+        return torch.tensor(list(vals) + [0])[sh.row_prob_cpu]
+
+    pending, pending_go = None, []  # Q shares of iterate j−1 of the communicating problems
+    src, dst, spared = table.COL_W, table.COL_Y, False
+    for j in range(1, max_iters + 1):
+        live = [not d for d in done]
+        if not any(live):
+            break
+        live_rows = per_row([int(x) for x in live]).to(torch.int32)
+        if dst == table.COL_Y2 and not spared:  # Y' on first need: the second iteration
+            for t in live_rows.nonzero().view(-1).tolist():
+                k.spare(t)
+            spared = True
+        sums = sh.to_problems(k.iterate(live_rows, f[sh.slot_map].contiguous(), eta_rows,
+                                        src, dst))
+        if any(lv and dl for lv, dl in zip(live, sh.delayed)):  # the same on every rank
+            prev = sh.complete(sums, pending)
+            if pending is not None:  # decide on iterate j−1 now that its Q is complete
+                decide(pending_go, prev.tolist(), j - 1)
+        go = [i for i in range(nP) if live[i] and not done[i]]
+        nrm = sums[0].sqrt()
+        fj = (1.0 - eta * sh.tau / nrm.clamp_min(1e-300)).clamp_min_(0.0)
+        qg = 0.5 * fj * fj * sums[1] - fj * sums[2] + sh.tau * fj * nrm  # Q terms of f_j∘Y_j
+        q = sh.per_problem(qg * sh.owned) + const  # complete for the local problems only
+        go_mask = torch.zeros(nP, dtype=torch.bool, device=dev)
+        go_mask[go] = True
+        f = torch.where(go_mask[sh.prob_of], fj, f)  # a stopped problem keeps f_{j−1}, Y_{j−1}
+        for i in go:
+            iters[i], ycol[i] = j, dst
+        pending_go = [i for i in go if sh.delayed[i]]
+        local = [i for i in go if not sh.delayed[i]]
+        if local:
+            decide(local, q.tolist(), j)
+        pending = torch.where(go_mask, q, torch.zeros_like(q)) if pending_go else None
+        src, dst = dst, (table.COL_Y2 if dst == table.COL_Y else table.COL_Y)
+    k.finish(f[sh.slot_map].contiguous(), per_row(ycol).tolist())
+    # statistics: owned active / screened groups and the pending Q, complete over ranks
+    tail = torch.cat([sh.per_problem(act.to(F64) * sh.owned),
+                      sh.per_problem((~act).to(F64) * sh.owned),
+                      pending if pending is not None else torch.zeros(nP, dtype=F64, device=dev)])
+    if sh.comm is not None:  # (the local problems' entries keep this rank's values)
+        local = tail.clone()
+        sh.comm.sum_(tail)
+        keep = torch.tensor([not d for d in sh.delayed] * 3, device=dev)
+        tail = torch.where(keep, local, tail)
+    tail = tail.tolist()
+    for i in pending_go if pending is not None else ():
+        q_last[i] = tail[2 * nP + i]  # stopped at max_iters: Q complete only now
+    return [SolverStats(iters[i], round(tail[i]), round(tail[nP + i]), math.nan, q_last[i])
+            for i in range(nP)]
+
+
+def step(opt, group, present, kind: str, path: str) -> set:
+    """One step of the sharded tensors of ``group`` that the kernels of ``path`` (``"native"``
+    or ``"triton"``) take; returns their ids (the torch path runs the others)."""
+    if eligible(opt, group) is not None or not group["params"]:
+        return set()
+    sh = build(opt, group, present, kind, "cpu" if path == "native" else None)
+    if sh is None:
+        return set()
+    k = _kernels(path, kind, sh.tab, sh.device)
+    k.free()
+    stats = solve_pg(k, group, sh) if sh.probs else []
+    for pr, st in zip(sh.probs, stats):
+        opt.last_stats[pr.seg.name] = st
+    for p, w, st, z in sh.tensors if kind == "ramda" else ():
+        if z is not None:
+            opt.state[p]["structured"] = opt.view.wrap_state(p, z)
+        opt._maybe_restart(group, st, w)
+    return sh.tab.handled
+
+
+def _kernels(path, kind, tab, device):
+    if path == "native":
+        from .native import _Kernels, _ProxGenKernels
+        from .native_build import load
+
+        return (_Kernels if kind == "ramda" else _ProxGenKernels)(load(), tab)
+    from .triton_pg import _Kernels
+
+    return _Kernels(tab, device)
