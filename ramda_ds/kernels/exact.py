@@ -89,20 +89,23 @@ def _geometry(geom, t, cb, BC: tl.constexpr):
 
 
 @triton.jit
-def _ptr(ptrs, t, k):
-    return tl.load(ptrs + t * 8 + k).to(tl.pointer_type(tl.float32))
+def _ptr(ptrs, t, k, NP: tl.constexpr):
+    """Pointer k of row t of a table with NP pointers per row (8 here, 10 in triton_pg's)."""
+    return tl.load(ptrs + t * NP + k).to(tl.pointer_type(tl.float32))
 
 
 @triton.jit
-def _stage(ptrs, geom, scal, bb_out, pmax_out, pmin_out, BA: tl.constexpr, BC: tl.constexpr):
+def _stage(ptrs, geom, scal, bb_out, pmax_out, pmin_out, BA: tl.constexpr, BC: tl.constexpr,
+           NP: tl.constexpr):
     cb = tl.program_id(0)  # blocks on grid x (up to 2^31 − 1; y and z stop at 65535)
     t = tl.program_id(1)
     na, sa, nc, sc, nb, sb, g0, c = _geometry(geom, t, cb, BC)
     if cb * BC < nc:
-        gp, Vp, Up, W0p, Pp, bp = (_ptr(ptrs, t, 0), _ptr(ptrs, t, 1), _ptr(ptrs, t, 2),
-                                   _ptr(ptrs, t, 3), _ptr(ptrs, t, 4), _ptr(ptrs, t, 5))
-        s = tl.load(scal + t * 4 + 0)
-        eps = tl.load(scal + t * 4 + 1)
+        gp, Vp, Up, W0p, Pp, bp = (_ptr(ptrs, t, 0, NP), _ptr(ptrs, t, 1, NP),
+                                   _ptr(ptrs, t, 2, NP), _ptr(ptrs, t, 3, NP),
+                                   _ptr(ptrs, t, 4, NP), _ptr(ptrs, t, 5, NP))
+        s = tl.load(scal + t * 4 + 0).to(tl.float32)
+        eps = tl.load(scal + t * 4 + 1).to(tl.float32)
         cm = c < nc
         acc = tl.zeros((BC,), dtype=tl.float64)
         pmax = tl.full((BC,), float("-inf"), tl.float32)
@@ -123,12 +126,13 @@ def _stage(ptrs, geom, scal, bb_out, pmax_out, pmin_out, BA: tl.constexpr, BC: t
 
 
 @triton.jit
-def _newton(ptrs, geom, mu, z2_out, z3_out, BA: tl.constexpr, BC: tl.constexpr):
+def _newton(ptrs, geom, mu, z2_out, z3_out, BA: tl.constexpr, BC: tl.constexpr,
+            NP: tl.constexpr):
     cb = tl.program_id(0)  # blocks on grid x (up to 2^31 − 1; y and z stop at 65535)
     t = tl.program_id(1)
     na, sa, nc, sc, nb, sb, g0, c = _geometry(geom, t, cb, BC)
     if cb * BC < nc:
-        Pp, bp = _ptr(ptrs, t, 4), _ptr(ptrs, t, 5)
+        Pp, bp = _ptr(ptrs, t, 4, NP), _ptr(ptrs, t, 5, NP)
         cm = c < nc
         m_g = tl.load(mu + g0 + c, mask=cm, other=0.0).to(tl.float32)
         acc2 = tl.zeros((BC,), dtype=tl.float64)
@@ -147,13 +151,14 @@ def _newton(ptrs, geom, mu, z2_out, z3_out, BA: tl.constexpr, BC: tl.constexpr):
 
 
 @triton.jit
-def _finish(ptrs, geom, scal, mu, act, BA: tl.constexpr, BC: tl.constexpr):
+def _finish(ptrs, geom, scal, mu, act, BA: tl.constexpr, BC: tl.constexpr, NP: tl.constexpr):
     cb = tl.program_id(0)  # blocks on grid x (up to 2^31 − 1; y and z stop at 65535)
     t = tl.program_id(1)
     na, sa, nc, sc, nb, sb, g0, c = _geometry(geom, t, cb, BC)
     if cb * BC < nc:
-        Pp, bp, Wp, Zp = _ptr(ptrs, t, 4), _ptr(ptrs, t, 5), _ptr(ptrs, t, 6), _ptr(ptrs, t, 7)
-        w = tl.load(scal + t * 4 + 2)  # the averaging weight c
+        Pp, bp, Wp = _ptr(ptrs, t, 4, NP), _ptr(ptrs, t, 5, NP), _ptr(ptrs, t, 6, NP)
+        zi = tl.load(ptrs + t * NP + 7)  # Ŵ's buffer, or 0: none
+        w = tl.load(scal + t * 4 + 2).to(tl.float32)  # the averaging weight c
         cm = c < nc
         m_g = tl.load(mu + g0 + c, mask=cm, other=0.0).to(tl.float32)
         a_g = tl.load(act + g0 + c, mask=cm, other=0.0)
@@ -165,7 +170,8 @@ def _finish(ptrs, geom, scal, mu, act, BA: tl.constexpr, BC: tl.constexpr):
                 z = b / (P + m_g[None, :]) * a_g[None, :]
                 W = tl.load(Wp + off, mask=m, other=0.0)
                 W = _lerp(W, z, w)
-                tl.store(Zp + off, z, mask=m)
+                if zi != 0:
+                    tl.store(zi.to(tl.pointer_type(tl.float32)) + off, z, mask=m)
                 tl.store(Wp + off, W, mask=m)
 
 
@@ -180,7 +186,7 @@ def _geom(layout):
 
 def _launch(kernel, grid, *args):
     LAUNCHES[0] += 1
-    kernel[grid](*args, BA=BA, BC=BC)
+    kernel[grid](*args, BA=BA, BC=BC, NP=8)
 
 
 def ramda_exact_step(opt, group, present, max_iters: int = 50) -> bool:

@@ -394,6 +394,82 @@ void ramda_pg_iter(const int64_t *ptrs, const int64_t *geom, const int64_t *item
     }
 }
 
+/* The exact solver for sharded tensors, whose Newton iterations need group sums completed
+ * across ranks (ramda_ds/kernels/sharded.py runs the Newton update between the passes):
+ * the stage into P, b (item-packed) with per group sum b^2, max P and min P ... */
+void ramda_exact_stage(const int64_t *ptrs, const int64_t *geom, const double *scal,
+                       const int64_t *items, int64_t i0, int64_t i1, double *bb, float *pmax,
+                       float *pmin) {
+    double acc[MAXW];
+    float mx[MAXW], mn[MAXW];
+    for (int64_t it = i0; it < i1; it++) {
+        ITEM_HEADER
+        STAGE_SETUP
+        float *P = F(t, 4) + R * K * c0, *b = F(t, 5) + R * K * c0; /* item-packed */
+        for (int64_t j = 0; j < nw; j++) { acc[j] = 0.0; mx[j] = -__builtin_inff(); mn[j] = __builtin_inff(); }
+        FOR_ELEMENTS({
+            STAGE_ELEMENT
+            const int64_t ip = PACKED_INDEX;
+            P[ip] = p;
+            b[ip] = bv;
+            acc[j] += (double)(bv * bv);
+            mx[j] = p > mx[j] ? p : mx[j];
+            mn[j] = p < mn[j] ? p : mn[j];
+        })
+        for (int64_t j = 0; j < nw; j++) {
+            bb[goff + c0 + j] = acc[j];
+            pmax[goff + c0 + j] = mx[j];
+            pmin[goff + c0 + j] = mn[j];
+        }
+    }
+}
+
+/* ... one Newton pass of the rows with live[t]: per group sum b^2/(P+mu)^2 and sum b^2/(P+mu)^3
+ * (the ops of ramda_exact) ... */
+void ramda_exact_iter(const int64_t *ptrs, const int64_t *geom, const int64_t *items, int64_t i0,
+                      int64_t i1, const int32_t *live, const double *mu, double *s2, double *s3) {
+    double a2[MAXW], a3[MAXW];
+    float m[MAXW];
+    for (int64_t it = i0; it < i1; it++) {
+        ITEM_HEADER
+        if (!live[t]) continue;
+        const int64_t off = R * K * c0;
+        const float *P = F(t, 4) + off, *b = F(t, 5) + off;
+        for (int64_t j = 0; j < nw; j++) { a2[j] = 0.0; a3[j] = 0.0; m[j] = (float)mu[goff + c0 + j]; }
+        FOR_PACKED({
+            const float bv = b[ip];
+            const float d = 1.0f / (P[ip] + m[j]);
+            const float q = ((bv * bv) * d) * d;
+            a2[j] += (double)q;
+            a3[j] += (double)(q * d);
+        })
+        for (int64_t j = 0; j < nw; j++) {
+            s2[goff + c0 + j] = a2[j];
+            s3[goff + c0 + j] = a3[j];
+        }
+    }
+}
+
+/* ... and the result Z = act*b/(P+mu), W <- lerp(W, Z, c). */
+void ramda_exact_finish(const int64_t *ptrs, const int64_t *geom, const double *scal,
+                        const int64_t *items, int64_t i0, int64_t i1, const double *mu,
+                        const float *act) {
+    float m[MAXW], ga[MAXW];
+    for (int64_t it = i0; it < i1; it++) {
+        ITEM_HEADER
+        LERP_SETUP
+        float *W = Wt;
+        const int64_t off = R * K * c0;
+        const float *P = F(t, 4) + off, *b = F(t, 5) + off;
+        for (int64_t j = 0; j < nw; j++) { m[j] = (float)mu[goff + c0 + j]; ga[j] = act[goff + c0 + j]; }
+        FOR_ELEMENTS({
+            const int64_t ip = PACKED_INDEX;
+            const float z = (b[ip] / (P[ip] + m[j])) * ga[j];
+            LERP_INTO_W
+        })
+    }
+}
+
 /* PG's result: Z = f*Y (Y from column ycol[t]) and W <- lerp(W, Z, c) */
 void ramda_pg_finish(const int64_t *ptrs, const int64_t *geom, const double *scal,
                      const int64_t *items, int64_t i0, int64_t i1, const double *f,

@@ -199,6 +199,25 @@ class _Kernels:
              ranges=self.items.weighted(live.tolist()))
         return out
 
+    def exact_stage(self):
+        """The exact solver's stage (:mod:`.sharded`): per row slot ``Σb², max P, min P``."""
+        G = self.tab.G
+        bb, pmax, pmin = torch.zeros(G, dtype=F64), torch.zeros(G), torch.zeros(G)
+        _run(self.lib.ramda_exact_stage, self.head3, self.items, bb.data_ptr(), pmax.data_ptr(),
+             pmin.data_ptr())
+        return bb, pmax, pmin
+
+    def exact_iter(self, live, mu):
+        """One Newton pass of the rows with ``live[t]``: per row slot ``[Σb²/(P+μ)², Σb²/(P+μ)³]``."""
+        out = torch.zeros(2, self.tab.G, dtype=F64)
+        live = live.to(torch.int32).contiguous()
+        _run(self.lib.ramda_exact_iter, self.head, self.items, live.data_ptr(), mu.data_ptr(),
+             out[0].data_ptr(), out[1].data_ptr(), ranges=self.items.weighted(live.tolist()))
+        return out
+
+    def exact_finish(self, mu, act):
+        _run(self.lib.ramda_exact_finish, self.head3, self.items, mu.data_ptr(), act.data_ptr())
+
     def finish(self, f, ycol):
         yc = torch.tensor(ycol, dtype=torch.int64)
         _run(self.lib.ramda_pg_finish, self.head3, self.items, f.data_ptr(), yc.data_ptr())

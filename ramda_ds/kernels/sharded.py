@@ -50,8 +50,6 @@ def eligible(opt, group) -> str | None:
         return f"regularizer {group['regularizer']}"
     if group.get("inexact_eps0") is not None and not unreg:
         return "inexact_eps0 (condition (7) stopping)"
-    if group.get("solver", "pg") == "exact" and not unreg:
-        return "the exact solver (sharded tensors: the kernels run PG only)"
     return None
 
 
@@ -160,7 +158,7 @@ def build(opt, group, present, kind: str, device_type: str | None):
     if device_type is None and n_rows > 65535:  # checked before any state changes
         raise RuntimeError(f"up to {n_rows} table rows: the Triton kernels take at most 65535 "
                            "(a CUDA grid's y dimension); use backend='torch' for this param group")
-    ramda = kind == "ramda"
+    ramda, pg = kind == "ramda", group.get("solver", "pg") != "exact"
     keep_z = ramda and group.get("keep_structured", False)
     rows, ptrs, geom, scal, pscal, taus, keep = [], [], [], [], [], [], []
     tensors, probs, row_prob, slot_map, comms = [], [], [], [], set()
@@ -173,14 +171,15 @@ def build(opt, group, present, kind: str, device_type: str | None):
             st, psc, scale = table.proxgen_tensor(opt, group, p, w)
             sc, make_ptrs = [0.0, group["eps"], 1.0], table.proxgen_ptrs  # c = 1: W = Ŵ
         z = torch.empty_like(w) if keep_z else None
-        P, b, Y = torch.empty_like(w), torch.empty_like(w), torch.empty_like(w)
+        P, b = torch.empty_like(w), torch.empty_like(w)
+        Y = torch.empty_like(w) if pg else None
         keep.append((g, P, b, Y))
         ti = len(tensors)
         tensors.append((p, w, st, z))
 
         def add(off, n, lay, gslot, mode, tau, prob, seg):
             r = slice(off, off + n)
-            ptrs.append(make_ptrs(g, st, w, P[r], b[r], z, Y[r], off))
+            ptrs.append(make_ptrs(g, st, w, P[r], b[r], z, None if Y is None else Y[r], off))
             geom.append([lay.rows, lay.groups, lay.inner, gslot])
             scal.append(sc + [float(mode)])
             if not ramda:
@@ -199,7 +198,8 @@ def build(opt, group, present, kind: str, device_type: str | None):
                          group_tau(group, seg, scale), delayed)
             for pc in seg.groups.pieces if seg.numel else ():
                 add(seg.lo + pc.lo, pc.hi - pc.lo, GroupLayout(pc.rows, pc.ncols, pc.inner),
-                    row_slot, table.MODE_PG, pr.tau, len(probs), seg)
+                    row_slot, table.MODE_PG if pg else table.MODE_EXACT, pr.tau, len(probs),
+                    seg)
                 slot_map.extend(range(prob_slot + pc.col, prob_slot + pc.col + pc.ncols))
                 row_slot += pc.ncols
             covered.append((seg.lo, seg.hi))
@@ -219,7 +219,7 @@ def build(opt, group, present, kind: str, device_type: str | None):
     return Sharded(tab, tensors, probs, row_prob, slot_map, next(iter(comms), None), first)
 
 
-def solve_pg(k, group, sh: Sharded):
+def solve_pg(k, group, sh: Sharded, opt=None):
     """PG (Alg. 2, the paper's stop rule) on every problem of ``sh`` with kernel set ``k``
     (``stage``, ``iterate``, ``spare``, ``finish``); the :class:`SolverStats` per problem."""
     rtol, max_iters = group["rtol"], group["max_iters"]
@@ -295,6 +295,93 @@ def solve_pg(k, group, sh: Sharded):
             for i in range(nP)]
 
 
+def solve_exact(k, group, sh: Sharded, opt, max_iters: int = 50):
+    """The exact group solution (:func:`ramda_ds.solvers.solve_exact`: screening, the bracket
+    ``[τ·min P_g, τ·max P_g]/(‖b_g‖ − τ)``, safeguarded Newton on ``1/‖Z(μ)‖ − μ/τ``) with kernel
+    set ``k`` (``exact_stage``, ``exact_iter``, ``exact_finish``): one pass per Newton iteration,
+    the Newton update on the host for every group at once, and one all-reduce per iteration that
+    completes the spanning groups' sums and the previous iteration's unconverged counts.  A
+    problem stops once all its groups satisfy ``|μ‖Z‖ − τ| ≤ tol·τ``; ``warm_start`` as there."""
+    tol = 8 * torch.finfo(torch.float32).eps
+    rb, rmax, rmin = k.exact_stage()
+    bb = sh.to_problems(rb)
+    ext = torch.stack([sh.to_problems(rmax, "max"), sh.to_problems(-rmin, "max")])
+    sh.complete(bb)  # screening
+    sh.complete(ext, op="max")  # the bracket's ends: max P and −min P in one collective
+    pmax, pmin = ext[0], -ext[1]
+    tau, nP, dev = sh.tau, sh.nP, bb.device
+    nb = bb.sqrt()
+    act = nb > tau
+    excess = (nb - tau).clamp_min(1e-300)
+    lo = torch.where(act, tau * pmin / excess, torch.zeros_like(nb))
+    hi = torch.where(act, tau * pmax / excess, torch.zeros_like(nb))
+    lo0, hi0 = lo, hi
+    warm = opt._warm_roots if group.get("warm_start") else None
+    keys = [(pr.seg.name, pr.seg.lo, pr.seg.hi) for pr in sh.probs]
+    mu = hi.clone()
+    if warm is not None:  # where each root sat in its bracket last step (kept per problem)
+        pos = [warm.get(key) for key in keys]
+        has = [q is not None and q.numel() == pr.n for q, pr in zip(pos, sh.probs)]
+        if any(has):
+            at = torch.cat([q.to(device=dev, dtype=F64) if h else torch.ones(pr.n, dtype=F64,
+                                                                            device=dev)
+                            for q, h, pr in zip(pos, has, sh.probs)])
+            mu = torch.where(torch.tensor(has, device=dev)[sh.prob_of],
+                             torch.lerp(lo, hi, at.clamp(0.0, 1.0)), mu)
+    conv_at = [None] * nP
+    pending, pending_go = None, []
+
+    def note(which, counts, it):
+        for i in which:
+            if counts[i] == 0 and conv_at[i] is None:
+                conv_at[i] = it
+
+    for it in range(1, max_iters + 1):
+        live = [c is None for c in conv_at]
+        if not any(live):
+            break
+        live_rows = torch.tensor([int(x) for x in live] + [0])[sh.row_prob_cpu]
+        sums = sh.to_problems(k.exact_iter(live_rows, mu[sh.slot_map].contiguous()))
+        if any(lv and dl for lv, dl in zip(live, sh.delayed)):  # the same on every rank
+            prev = sh.complete(sums, pending)
+            if pending is not None:
+                note(pending_go, prev.tolist(), it - 1)
+        upd = [i for i in range(nP) if live[i] and conv_at[i] is None]
+        upd_mask = torch.zeros(nP, dtype=torch.bool, device=dev)
+        upd_mask[upd] = True
+        u = upd_mask[sh.prob_of]
+        zn = sums[0].clamp_min(1e-300).sqrt()
+        phi = 1.0 / zn - mu / tau
+        dphi = sums[1] / (zn * zn * zn) - 1.0 / tau  # d/dμ (1/‖Z‖) − 1/τ  (< 0)
+        lo = torch.where(u & (phi > 0), mu, lo)
+        hi = torch.where(u & (phi <= 0), mu, hi)
+        step = mu - phi / dphi
+        inside = (step >= lo) & (step <= hi)
+        bad = act & ((mu * zn - tau).abs() > tol * tau)
+        mu = torch.where(u & act, torch.where(inside, step, 0.5 * (lo + hi)), mu)
+        left = sh.per_problem(bad.to(F64) * sh.owned)
+        pending_go = [i for i in upd if sh.delayed[i]]
+        local = [i for i in upd if not sh.delayed[i]]
+        if local:
+            note(local, left.tolist(), it)
+        pending = torch.where(upd_mask, left, torch.zeros_like(left)) if pending_go else None
+    k.exact_finish(mu[sh.slot_map].contiguous(), act.to(torch.float32)[sh.slot_map].contiguous())
+    if warm is not None:
+        at = ((mu - lo0) / (hi0 - lo0)).nan_to_num_(1.0, 1.0, 1.0)
+        for key, part in zip(keys, at.split([pr.n for pr in sh.probs])):
+            warm[key] = part.clone()
+    tail = torch.cat([sh.per_problem(act.to(F64) * sh.owned),
+                      sh.per_problem((~act).to(F64) * sh.owned)])
+    if sh.comm is not None:  # (the local problems' entries keep this rank's values)
+        local_tail = tail.clone()
+        sh.comm.sum_(tail)
+        tail = torch.where(torch.tensor([not d for d in sh.delayed] * 2, device=dev), local_tail,
+                           tail)
+    tail = tail.tolist()
+    return [SolverStats(conv_at[i] or max_iters, round(tail[i]), round(tail[nP + i]), 0.0,
+                        math.nan) for i in range(nP)]
+
+
 def step(opt, group, present, kind: str, path: str) -> set:
     """One step of the sharded tensors of ``group`` that the kernels of ``path`` (``"native"``
     or ``"triton"``) take; returns their ids (the torch path runs the others)."""
@@ -305,7 +392,8 @@ def step(opt, group, present, kind: str, path: str) -> set:
         return set()
     k = _kernels(path, kind, sh.tab, sh.device)
     k.free()
-    stats = solve_pg(k, group, sh) if sh.probs else []
+    solve = solve_pg if group.get("solver", "pg") != "exact" else solve_exact
+    stats = solve(k, group, sh, opt) if sh.probs else []
     for pr, st in zip(sh.probs, stats):
         opt.last_stats[pr.seg.name] = st
     for p, w, st, z in sh.tensors if kind == "ramda" else ():

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCHES, table
+from . import LAUNCHES, exact, table
 from .exact import BA, BC, _dual_averaging, _geom, _geometry, _lerp, _tile
 from ..groups import GroupLayout
 
@@ -251,10 +251,41 @@ class _Kernels:
                             BA=BA, BC=BC)
         return out[:, :G]
 
+    # the exact solver's passes for sharded tensors (:mod:`.sharded`), on exact.py's kernels
+    def exact_stage(self):
+        G = max(self.tab.G, 1)
+        bb = torch.zeros(G, dtype=F64, device=self.dev)
+        pmax, pmin = torch.zeros(G, device=self.dev), torch.zeros(G, device=self.dev)
+        LAUNCHES[0] += 1
+        exact._stage[self.grid](self.ptrs, self._reg_geom(), self.scal, bb, pmax, pmin,
+                                           BA=BA, BC=BC, NP=NPTR)
+        G = self.tab.G
+        return bb[:G], pmax[:G], pmin[:G]
+
+    def exact_iter(self, live, mu):
+        """One Newton pass (every regularized row: the kernel has no live mask)."""
+        G = max(self.tab.G, 1)
+        out = torch.zeros(2, G, dtype=F64, device=self.dev)
+        LAUNCHES[0] += 1
+        exact._newton[self.grid](self.ptrs, self._reg_geom(), _padded(mu, G), out[0],
+                                            out[1], BA=BA, BC=BC, NP=NPTR)
+        return out[:, :self.tab.G]
+
+    def exact_finish(self, mu, act):
+        G = max(self.tab.G, 1)
+        LAUNCHES[0] += 1
+        exact._finish[self.grid](self.ptrs, self._reg_geom(), self.scal, _padded(mu, G),
+                                            _padded(act, G), BA=BA, BC=BC, NP=NPTR)
+
     def finish(self, f, ycol):
         yc = torch.tensor(ycol, dtype=torch.int64, device=self.dev)
         LAUNCHES[0] += 1
         _pg_finish[self.grid](self.ptrs, self._reg_geom(), self.scal, f, yc, BA=BA, BC=BC)
+
+
+def _padded(x, n):
+    """``x`` with at least ``n`` elements (a kernel argument must not be empty)."""
+    return x if x.numel() >= n else torch.cat([x, x.new_zeros(n - x.numel())])
 
 
 def ramda_pg_step(opt, group, present) -> set:
