@@ -1,12 +1,15 @@
 """Sharded RAMDA at 2 ranks: optimizer-state bytes, collectives, step time per backend.
 
-    python bench/sharded_step.py            # launches one 2-process torchrun per backend (CPU, gloo)
+    python bench/sharded_step.py            # one 2-process torchrun per row (CPU, gloo)
+    python bench/sharded_step.py --kernels native --solvers pg --backends zero2 fsdp2
 
-For each backend it prints, for RAMDA (group lasso, PG) on a transformer-shaped stack of Linear
-layers: per-rank optimizer-state bytes against the ideal 12·P/N (V, U, W0 in fp32), the number
-and total bytes of the collectives the optimizer issued in one step, the PG iterations of that
-step, and the optimizer step time relative to the same step unsharded in one process (one thread
-per rank, as the workers run).
+For each sharding backend, step kernels (``backend=`` of RAMDA: torch, native) and solver (PG,
+exact) it prints, for RAMDA (group lasso) on a transformer-shaped stack of Linear layers:
+per-rank optimizer-state bytes against the ideal 12·P/N (V, U, W0 in fp32), the number and total
+bytes of the collectives the optimizer issued in one step, the solver iterations of that step,
+and the optimizer step time relative to the 1-process torch step of the same solver and to
+1-process AdamW (foreach), all measured in this run with one thread per process, as the
+workers run.
 """
 
 from __future__ import annotations
@@ -57,8 +60,8 @@ def model():
     return Stack()
 
 
-def make_opt(groups):
-    return RAMDA(groups, lr=1e-2, eps=1e-6)
+def make_opt(groups, kernels="torch", solver="pg"):
+    return RAMDA(groups, lr=1e-2, eps=1e-6, backend=kernels, solver=solver)
 
 
 def groups_of(m):
@@ -78,18 +81,19 @@ def timed_steps(step_fn, opt):
     opt.step = wrapped
     comm = None
     for s in range(STEPS):
-        comm = getattr(opt.view, "comm", None)
+        comm = getattr(getattr(opt, "view", None), "comm", None)
         c0, b0 = getattr(comm, "calls", 0), getattr(comm, "bytes", 0)
         step_fn(s)
     calls, nbytes = getattr(comm, "calls", 0) - c0, getattr(comm, "bytes", 0) - b0
     return sorted(times)[len(times) // 2] * 1e3 * (len(times) // STEPS), calls, nbytes
 
 
-def unsharded():
+def unsharded(kernels="torch", solver="pg", adamw=False):
     torch.set_num_threads(1)
     m = model()
     params = list(m.parameters())
-    opt = make_opt(groups_of(m))
+    opt = torch.optim.AdamW(params, lr=1e-3, foreach=True) if adamw else \
+        make_opt(groups_of(m), kernels, solver)
     torch.manual_seed(1)
     x = torch.randn(1, 4 * D)
 
@@ -101,7 +105,7 @@ def unsharded():
     return ms, sum(p.numel() for p in params)
 
 
-def worker(backend):
+def worker(backend, kernels, solver):
     import torch.distributed as dist
 
     from ramda_ds.sharding import attach
@@ -113,7 +117,7 @@ def worker(backend):
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo")
-        opt = make_opt(groups_of(m))
+        opt = make_opt(groups_of(m), kernels, solver)
         cfg = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": int(backend[-1])},
                "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0,
                "steps_per_print": 10**9}
@@ -145,7 +149,7 @@ def worker(backend):
             from torch.distributed.fsdp.wrap import ModuleWrapPolicy
             wrapped = FSDP(m, use_orig_params=True, device_id=torch.device("cpu"),
                            auto_wrap_policy=ModuleWrapPolicy({nn.Linear}))
-        opt = make_opt(groups)
+        opt = make_opt(groups, kernels, solver)
         attach(opt, wrapped)
         torch.manual_seed(1)
         x = torch.randn(1, 4 * D)
@@ -164,38 +168,60 @@ def worker(backend):
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, state_bytes)
     if dist.get_rank() == 0:
+        from ramda_ds.optim.ramda import kernel_plan
+
         print("RESULT " + json.dumps(dict(backend=backend, ms=ms, calls=calls, bytes=nbytes,
-                                          state_bytes=every, iters=iters, n_names=len(names))))
+                                          state_bytes=every, iters=iters, n_names=len(names),
+                                          plan=kernel_plan(opt))))
     dist.barrier()
     dist.destroy_process_group()
 
 
 def main():
+    import argparse
+
     if len(sys.argv) > 2 and sys.argv[1] == "--worker":
-        return worker(sys.argv[2])
-    base_ms, P = unsharded()
-    print(f"RAMDA + group lasso (PG), {P / 1e6:.2f}M parameters, 2 ranks (gloo, 1 thread each)")
-    print(f"unsharded 1-process optimizer step: {base_ms:.1f} ms; ideal state per rank "
-          f"12·P/N = {12 * P / 2 / 1e6:.2f} MB")
-    print(f"{'backend':11s} {'state MB/rank':>15s} {'vs ideal':>9s} {'collectives':>11s} "
-          f"{'KB/step':>8s} {'PG iters':>8s} {'step ms':>8s} {'vs 1-proc':>9s}")
-    for backend in BACKENDS:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-        out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                              "--master-addr", "127.0.0.1", "--master-port", str(port), __file__,
-                              "--worker", backend], env=env, capture_output=True, text=True)
-        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
-            print(f"{backend:11s} failed: {out.stderr[-500:]}")
-            continue
-        r = json.loads(line[7:])
-        mb = [b / 1e6 for b in r["state_bytes"]]
-        print(f"{backend:11s} {'/'.join(f'{x:.2f}' for x in mb):>15s} "
-              f"{max(mb) / (12 * P / 2 / 1e6):8.2f}x {r['calls']:11d} {r['bytes'] / 1e3:8.1f} "
-              f"{r['iters']:8d} {r['ms']:8.1f} {r['ms'] / base_ms:8.2f}x")
+        return worker(*sys.argv[2:5])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--backends", nargs="+", default=BACKENDS, choices=BACKENDS)
+    ap.add_argument("--kernels", nargs="+", default=["torch", "native"], choices=["torch", "native"])
+    ap.add_argument("--solvers", nargs="+", default=["pg", "exact"], choices=["pg", "exact"])
+    a = ap.parse_args()
+    adamw_ms, P = unsharded(adamw=True)
+    base = {solver: unsharded("torch", solver)[0] for solver in a.solvers}
+    print(f"RAMDA + group lasso, {P / 1e6:.2f}M parameters, 2 ranks (gloo, 1 thread each)")
+    print(f"1-process optimizer step (1 thread): AdamW(foreach) {adamw_ms:.1f} ms, RAMDA torch "
+          + ", ".join(f"{s} {ms:.1f} ms" for s, ms in base.items())
+          + f"; ideal state per rank 12·P/N = {12 * P / 2 / 1e6:.2f} MB")
+    print(f"{'backend':11s} {'kernels':7s} {'solver':6s} {'state MB/rank':>15s} {'vs ideal':>9s} "
+          f"{'collectives':>11s} {'KB/step':>8s} {'iters':>5s} {'step ms':>8s} {'vs 1-proc':>9s} "
+          f"{'vs AdamW':>8s}")
+    for solver in a.solvers:
+        for kernels in a.kernels:
+            for backend in a.backends:
+                row(backend, kernels, solver, P, base[solver], adamw_ms)
+
+
+def row(backend, kernels, solver, P, base_ms, adamw_ms):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-addr", "127.0.0.1", "--master-port", str(port), __file__,
+                          "--worker", backend, kernels, solver], env=env, capture_output=True,
+                         text=True)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        print(f"{backend:11s} {kernels:7s} {solver:6s} failed: {out.stderr[-500:]}")
+        return
+    r = json.loads(line[7:])
+    if r["plan"] != kernels:  # say what really ran
+        kernels = f"{kernels} ({r['plan']})"
+    mb = [b / 1e6 for b in r["state_bytes"]]
+    print(f"{backend:11s} {kernels:7s} {solver:6s} {'/'.join(f'{x:.2f}' for x in mb):>15s} "
+          f"{max(mb) / (12 * P / 2 / 1e6):8.2f}x {r['calls']:11d} {r['bytes'] / 1e3:8.1f} "
+          f"{r['iters']:5d} {r['ms']:8.1f} {r['ms'] / base_ms:8.2f}x {r['ms'] / adamw_ms:7.2f}x")
 
 
 if __name__ == "__main__":

@@ -94,7 +94,7 @@ class Sharded:
         self.prob_of = torch.repeat_interleave(torch.arange(self.nP, **i64),
                                                torch.tensor(counts, **i64))
         self.tau = torch.tensor([pr.tau for pr in probs], dtype=F64, device=device)[self.prob_of]
-        owned, idx, pos, L = [], [], [], 0
+        owned, idx, pos, pos_prob, L = [], [], [], [], 0
         for pr in probs:
             span = pr.seg.span
             owned.append(torch.ones(pr.n, dtype=F64, device=device) if span is None
@@ -102,11 +102,13 @@ class Sharded:
             if pr.delayed and span is not None and span.count:
                 idx.append(pr.slot + span.local_idx.to(device))
                 pos.append(L + span.global_pos.to(device))
+                pos_prob += [len(owned) - 1] * span.count
                 L += span.count
         self.owned = torch.cat(owned) if owned else torch.zeros(0, dtype=F64, device=device)
         self.span_idx = torch.cat(idx) if idx else torch.zeros(0, **i64)
         self.span_pos = torch.cat(pos) if pos else torch.zeros(0, **i64)
         self.L = L  # spanning slots of the communicating problems, the same on every rank
+        self.pos_prob = torch.tensor(pos_prob, dtype=torch.int64)  # their problems
         self.delayed = [pr.delayed for pr in probs]
         self.device = device
 
@@ -123,19 +125,26 @@ class Sharded:
         return torch.zeros(self.nP, dtype=F64, device=self.device).index_add_(0, self.prob_of,
                                                                               slot_vals)
 
-    def complete(self, vals, scalars=None, op="sum"):
+    def complete(self, vals, scalars=None, op="sum", live=None):
         """Complete the spanning slots of ``vals`` (``[..., G]``, in place) and sum ``scalars``
-        (a float64 vector, returned) over ranks in one collective; nothing without one."""
+        (a float64 vector, returned) over ranks in one collective; nothing without one.
+        ``live`` (a flag per problem, the same on every rank): only those problems' slots."""
         if self.comm is None or (not self.L and scalars is None):
             return scalars
         lead = vals.shape[:-1]
-        blk = torch.full(lead + (self.L,), -math.inf if op == "max" else 0.0, dtype=F64,
-                         device=self.device)
-        blk[..., self.span_pos] = vals[..., self.span_idx]
+        full = torch.full(lead + (self.L,), -math.inf if op == "max" else 0.0, dtype=F64,
+                          device=self.device)
+        full[..., self.span_pos] = vals[..., self.span_idx]
+        keep = None if live is None else torch.tensor(live)[self.pos_prob].to(self.device)
+        blk = full if keep is None else full[..., keep]
         buf = torch.cat([blk.reshape(-1)] + ([scalars] if scalars is not None else []))
         (self.comm.max_ if op == "max" else self.comm.sum_)(buf)
         n = blk.numel()
-        vals[..., self.span_idx] = buf[:n].view(blk.shape)[..., self.span_pos]
+        if keep is None:
+            full = buf[:n].view(full.shape)
+        else:
+            full[..., keep] = buf[:n].view(blk.shape)
+        vals[..., self.span_idx] = full[..., self.span_pos]
         return buf[n:] if scalars is not None else None
 
 
@@ -259,7 +268,7 @@ def solve_pg(k, group, sh: Sharded, opt=None):
         sums = sh.to_problems(k.iterate(live_rows, f[sh.slot_map].contiguous(), eta_rows,
                                         src, dst))
         if any(lv and dl for lv, dl in zip(live, sh.delayed)):  # the same on every rank
-            prev = sh.complete(sums, pending)
+            prev = sh.complete(sums, pending, live=live)
             if pending is not None:  # decide on iterate j−1 now that its Q is complete
                 decide(pending_go, prev.tolist(), j - 1)
         go = [i for i in range(nP) if live[i] and not done[i]]
@@ -343,7 +352,7 @@ def solve_exact(k, group, sh: Sharded, opt, max_iters: int = 50):
         live_rows = torch.tensor([int(x) for x in live] + [0])[sh.row_prob_cpu]
         sums = sh.to_problems(k.exact_iter(live_rows, mu[sh.slot_map].contiguous()))
         if any(lv and dl for lv, dl in zip(live, sh.delayed)):  # the same on every rank
-            prev = sh.complete(sums, pending)
+            prev = sh.complete(sums, pending, live=live)
             if pending is not None:
                 note(pending_go, prev.tolist(), it - 1)
         upd = [i for i in range(nP) if live[i] and conv_at[i] is None]
