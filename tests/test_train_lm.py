@@ -51,18 +51,27 @@ def test_single_process_run_learns_and_reports(tmp_path):
 
 
 def test_deepspeed_zero2_two_processes_through_accelerate(tmp_path):
-    out = tmp_path / "o"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--zero_stage",
-           "2", "--num_processes", "2", "--main_process_port", str(free_port()), SCRIPT, *FAST,
-           "--grad_accum", "2", "--backend", "auto", "--output_dir", str(out)]
-    p = run(cmd, tmp_path)
-    assert p.returncode == 0, p.stderr[-4000:]
-    setup = rows(out)[0]
-    assert setup["distributed_type"] == "DEEPSPEED" and setup["view"] == "ZeroFlatView"
-    assert setup["backend"] == "deepspeed-zero2"
-    assert setup["step_kernels"].startswith("torch for ")
-    assert setup["step_kernels"].endswith("(the kernels need whole tensors; this view shards them)")
-    assert setup["world_size"] == 2 and learned(out)
+    """ZeRO-2 through accelerate, with the default torch step and with --backend auto (the native
+    kernels on the flat partitions' pieces): both learn, and print the same numbers."""
+    runs = {}
+    for backend in ("torch", "auto"):
+        out = tmp_path / backend
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed",
+               "--zero_stage", "2", "--num_processes", "2", "--main_process_port",
+               str(free_port()), SCRIPT, *FAST, "--grad_accum", "2", "--backend", backend,
+               "--output_dir", str(out)]
+        p = run(cmd, tmp_path)
+        assert p.returncode == 0, p.stderr[-4000:]
+        setup = rows(out)[0]
+        assert setup["distributed_type"] == "DEEPSPEED" and setup["view"] == "ZeroFlatView"
+        assert setup["backend"] == "deepspeed-zero2"
+        assert setup["step_kernels"] == ("torch" if backend == "torch" else "native")
+        assert setup["world_size"] == 2 and learned(out)
+        runs[backend] = rows(out)
+    for a, b in zip(runs["torch"][1:], runs["auto"][1:]):
+        for key in ("valid_ppl_W", "valid_ppl_structured", "wgs_W", "loss"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-6), key
 
 
 def test_native_kernels_give_the_torch_runs_numbers(tmp_path):
@@ -92,11 +101,12 @@ def test_fsdp2_config_two_processes_really_shard(tmp_path):
     out = tmp_path / "o"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"), "--main_process_port",
-           str(free_port()), SCRIPT, *FAST, "--output_dir", str(out)]
+           str(free_port()), SCRIPT, *FAST, "--backend", "auto", "--output_dir", str(out)]
     p = run(cmd, tmp_path)
     assert p.returncode == 0, p.stderr[-4000:]
     setup = rows(out)[0]
     assert setup["view"] == "FSDP2View" and setup["dtensor_params"] > 0 and setup["world_size"] == 2
+    assert setup["step_kernels"] == "native"
     assert setup["backend"] == "fsdp2"  # accelerate itself says distributed_type "NO" here
     assert learned(out)
 

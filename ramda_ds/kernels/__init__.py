@@ -1,7 +1,8 @@
 """Fused kernels for RAMDA's step, and the switch that chooses them.
 
-All of them consume the per-step table of :mod:`.table` (one row per tensor), so a step costs the
-same number of passes for 8 or 80 layers.  ``backend`` (a param-group option of RAMDA):
+All of them consume the per-step table of :mod:`.table` (one row per tensor; under a sharded view
+one row per piece of a segment, :mod:`.sharded`), so a step costs the same number of passes for 8
+or 80 layers.  ``backend`` (a param-group option of RAMDA):
 
 * ``"torch"`` (the default) — the pure-torch reference; runs everywhere; sharded == unsharded bit
   for bit on every sharding backend.
@@ -15,10 +16,11 @@ same number of passes for 8 or 80 layers.  ``backend`` (a param-group option of 
   and matched the torch step; otherwise torch, with a warning.  It never picks a path that cannot
   run.
 
-The fast paths apply to unsharded (single-process or DDP), contiguous float32 tensors regularized
-by the group lasso whole or not at all, with ``inexact_eps0`` unset; anything else in a group
-takes the torch path.  They match the torch path to float32 rounding (the native one, op for op,
-mostly bit for bit), not guaranteed bitwise.
+The fast paths apply to contiguous float32 tensors with float32 state, unregularized or
+regularized by the group lasso, with ``inexact_eps0`` unset: unsharded (single process, DDP) or
+sharded (ZeRO-1/2/3, FSDP2, FSDP1: :mod:`.sharded`, one all-reduce per solver iteration as on the
+torch path); anything else in a group takes the torch path.  They match the torch path to float32
+rounding (the native one, op for op, mostly bit for bit), not guaranteed bitwise.
 
 :data:`LAUNCHES` counts Triton launches (``bench/optimizer_step.py`` adds them to the op count).
 """

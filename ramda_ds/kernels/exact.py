@@ -15,9 +15,10 @@ Sums accumulate in float64.  The ∛ is the bit-seed + Halley + Newton of
 :mod:`ramda_ds.cube_root`.  Results equal the torch path to float32 rounding (summation order and
 FMA contraction differ), not bitwise; the tests compare them under ``TRITON_INTERPRET=1``.
 
-Applies to unsharded float32 tensors that are regularized whole or not at all (then τ = 0 and
-``Ŵ = b/P = W0 − V/P``); anything else (sharded views, other dtypes) takes the torch path.  PG's
-Triton kernels are in :mod:`.triton_pg`.
+:func:`ramda_exact_step` applies to unsharded float32 tensors that are regularized whole or not
+at all (then τ = 0 and ``Ŵ = b/P = W0 − V/P``); the same three kernels (``NP`` pointers per
+row) serve the sharded exact step of :mod:`.sharded` through :mod:`.triton_pg`.  PG's Triton
+kernels are in :mod:`.triton_pg`.
 """
 
 from __future__ import annotations

@@ -8,6 +8,10 @@
   tolerance (8 float32 ulps), not necessarily bitwise.
 * PG (the paper's stop rule): :func:`.table.solve_pg_chunked` with these kernels; ``P, b, Y, Y'``
   are stored item-packed (each block contiguous), so a chunk's iterations run in cache.
+* Sharded views (:mod:`.sharded`): the same stage, finish and unregularized kernels on a table of
+  pieces, and one pass per PG iteration (``ramda_pg_iter``) or Newton pass
+  (``ramda_exact_stage`` / ``_iter`` / ``_finish``), the group sums completed across ranks between
+  passes.
 
 Every elementwise operation is the torch path's, op for op (``fmaf`` where ATen's CPU kernels
 fuse), and every float64 group sum is over the same terms in another order, so the iterates and

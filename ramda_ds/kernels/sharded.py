@@ -167,10 +167,14 @@ def build(opt, group, present, kind: str, device_type: str | None):
     if device_type is None and n_rows > 65535:  # checked before any state changes
         raise RuntimeError(f"up to {n_rows} table rows: the Triton kernels take at most 65535 "
                            "(a CUDA grid's y dimension); use backend='torch' for this param group")
+    comms = {id(c): c for segs in segments for c in map(opt.view.comm_for, segs)
+             if c.world_size > 1}
+    if len(comms) > 1:
+        raise RuntimeError("a sharded view named more than one reducer for one param group")
     ramda, pg = kind == "ramda", group.get("solver", "pg") != "exact"
     keep_z = ramda and group.get("keep_structured", False)
     rows, ptrs, geom, scal, pscal, taus, keep = [], [], [], [], [], [], []
-    tensors, probs, row_prob, slot_map, comms = [], [], [], [], set()
+    tensors, probs, row_prob, slot_map = [], [], [], []
     row_slot = prob_slot = 0
     for (k, p, w, g), regs in zip(todo, segments):
         if ramda:
@@ -180,15 +184,17 @@ def build(opt, group, present, kind: str, device_type: str | None):
             st, psc, scale = table.proxgen_tensor(opt, group, p, w)
             sc, make_ptrs = [0.0, group["eps"], 1.0], table.proxgen_ptrs  # c = 1: W = Ŵ
         z = torch.empty_like(w) if keep_z else None
-        P, b = torch.empty_like(w), torch.empty_like(w)
-        Y = torch.empty_like(w) if pg else None
+        P, b = (torch.empty_like(w), torch.empty_like(w)) if regs else (None, None)
+        Y = torch.empty_like(w) if pg and regs else None
         keep.append((g, P, b, Y))
         ti = len(tensors)
         tensors.append((p, w, st, z))
 
         def add(off, n, lay, gslot, mode, tau, prob, seg):
             r = slice(off, off + n)
-            ptrs.append(make_ptrs(g, st, w, P[r], b[r], z, None if Y is None else Y[r], off))
+            P_r, b_r, Y_r = ((None, None, None) if seg is None else  # (free rows: no scratch)
+                             (P[r], b[r], None if Y is None else Y[r]))
+            ptrs.append(make_ptrs(g, st, w, P_r, b_r, z, Y_r, off))
             geom.append([lay.rows, lay.groups, lay.inner, gslot])
             scal.append(sc + [float(mode)])
             if not ramda:
@@ -199,12 +205,8 @@ def build(opt, group, present, kind: str, device_type: str | None):
 
         covered = []
         for seg in regs:
-            comm = opt.view.comm_for(seg)
-            delayed = comm.world_size > 1
-            if delayed:
-                comms.add(comm)
             pr = Problem(seg, ti, prob_slot, seg.groups.num_groups if seg.numel else 0,
-                         group_tau(group, seg, scale), delayed)
+                         group_tau(group, seg, scale), opt.view.comm_for(seg).world_size > 1)
             for pc in seg.groups.pieces if seg.numel else ():
                 add(seg.lo + pc.lo, pc.hi - pc.lo, GroupLayout(pc.rows, pc.ncols, pc.inner),
                     row_slot, table.MODE_PG if pg else table.MODE_EXACT, pr.tau, len(probs),
@@ -219,13 +221,12 @@ def build(opt, group, present, kind: str, device_type: str | None):
             if lo > at:
                 add(at, lo - at, GroupLayout(1, lo - at, 1), -1, table.MODE_FREE, 0.0, -1, None)
             at = max(at, hi)
-    if len(comms) > 1:
-        raise RuntimeError("a sharded view named more than one reducer for one param group")
     tab = table.Table(rows, ptrs, geom, scal, taus, row_slot, keep)
     tab.handled = {id(t[0]) for t in tensors}
     if not ramda:
         tab.pscal = pscal
-    return Sharded(tab, tensors, probs, row_prob, slot_map, next(iter(comms), None), first)
+    return Sharded(tab, tensors, probs, row_prob, slot_map, next(iter(comms.values()), None),
+                   first)
 
 
 def solve_pg(k, group, sh: Sharded, opt=None):

@@ -18,8 +18,10 @@ from its start (the chunk read ``Y`` and wrote ``Y'``, so the start is intact) u
 iteration.  Chunk lengths come from each tensor's iteration count at the previous step (a hint:
 it changes the speed, never the result).
 
-Applies to unsharded, contiguous float32 tensors regularized by the group lasso whole or not at
-all, with ``inexact_eps0`` unset; anything else takes the torch path.
+:func:`build` applies to unsharded, contiguous float32 tensors regularized by the group lasso
+whole or not at all, with ``inexact_eps0`` unset; sharded views build their table of pieces in
+:mod:`.sharded` (with :func:`ramda_tensor`, :func:`ramda_ptrs` and the ProxGen counterparts
+here); anything else takes the torch path.
 """
 
 from __future__ import annotations

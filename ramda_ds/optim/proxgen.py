@@ -20,8 +20,8 @@ class ProxGen(StructuredOptimizer):
 
     Unregularized tensors get exactly AdamW's step ``W − a·m/D``. At each milestone
     ``lr ← γ·lr`` (moments are kept).  ``backend``: ``"torch"`` (default), or ``"native"`` /
-    ``"auto"``: on CPU, PG on the C kernels of :mod:`ramda_ds.kernels.native` (the exact solver and
-    other devices take the torch path).
+    ``"auto"``: on CPU, PG on the C kernels of :mod:`ramda_ds.kernels.native`, unsharded or sharded
+    (the exact solver and other devices take the torch path).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,

@@ -38,7 +38,8 @@ class RAMDA(StructuredOptimizer):
     ``backend`` (``"torch"``, the default: the reference, bitwise equal across every sharding
     backend; ``"native"`` (CPU C loops), ``"triton"``, ``"auto"`` (native on CPU, Triton on CUDA,
     each once it built and matched): one pass for all tensors of a group, equal to the torch path
-    within float32 rounding, for unsharded float32 tensors; see :mod:`ramda_ds.kernels`).
+    within float32 rounding, for float32 tensors, unsharded or sharded; see
+    :mod:`ramda_ds.kernels`).
     """
 
     restart_zero = ("grad_sum", "grad_sq_sum", "alpha")
