@@ -70,6 +70,11 @@ class Runs:
                           "true", "--zero3_save_16bit_model", "true", "--num_processes", "2",
                           "--main_process_port", str(free_port()), EXAMPLE, "--ddp_backend",
                           "gloo", "--per_device_train_batch_size", "2"],
+        "zero3_native": lambda: [*ACCELERATE, "--use_deepspeed", "--zero_stage", "3",
+                                 "--zero3_init_flag", "true", "--zero3_save_16bit_model", "true",
+                                 "--num_processes", "2", "--main_process_port", str(free_port()),
+                                 EXAMPLE, "--ddp_backend", "gloo", "--per_device_train_batch_size",
+                                 "2", "--backend", "auto"],
         "fsdp2": lambda: [*ACCELERATE, "--config_file",
                           str(ROOT / "configs" / "accelerate" / "fsdp2.yaml"),
                           "--main_process_port", str(free_port()), EXAMPLE, "--ddp_backend",
@@ -177,6 +182,15 @@ def test_native_kernels_give_the_same_run(runs):
     assert setup(ref)["step_kernels"] == "torch" and setup(native)["step_kernels"] == "native"
     assert setup(native)["config"]["backend"] == "auto"
     assert_same_run(ref, native, rtol=1e-6)
+
+
+def test_zero3_with_the_native_kernels_gives_the_same_run(runs):
+    """ZeRO-3 + ``--backend auto``: the kernels run on the ranks' partitions (pieces of every
+    weight, groups all-reduced each PG iteration): the one-process torch run's weights, zero
+    units and logged numbers."""
+    out = runs.get("zero3_native")
+    assert setup(out)["view"] == "Zero3View" and setup(out)["step_kernels"] == "native"
+    assert_same_run(runs.get("ref"), out)
 
 
 def test_trainer_checkpoint_resumed_equals_uninterrupted(runs):
