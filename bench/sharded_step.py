@@ -2,6 +2,7 @@
 
     python bench/sharded_step.py            # one 2-process torchrun per row (CPU, gloo)
     python bench/sharded_step.py --kernels native --solvers pg --backends zero2 fsdp2
+    python bench/sharded_step.py --count-ops     # ops per step of the Triton path, 8 vs 32 blocks
 
 For each sharding backend, step kernels (``backend=`` of RAMDA: torch, native) and solver (PG,
 exact) it prints, for RAMDA (group lasso) on a transformer-shaped stack of Linear layers:
@@ -10,6 +11,12 @@ bytes of the collectives the optimizer issued in one step, the solver iterations
 and the optimizer step time relative to the 1-process torch step of the same solver and to
 1-process AdamW (foreach), all measured in this run with one thread per process, as the
 workers run.
+
+``--count-ops`` counts, on rank 0, the ops one optimizer step dispatches with ``backend="triton"``
+(the kernels run by Triton's interpreter on CPU; d = 64) on 8- and 32-block stacks: aten ops that
+launch a kernel on CUDA, collectives included, plus Triton launches (the interpreter's argument
+copies are aten ops too: a fixed number per launch), with the solver iterations of that step
+(PG runs exactly 10 iterations there: ``rtol=0, max_iters=10``).
 """
 
 from __future__ import annotations
@@ -32,7 +39,8 @@ from ramda_ds.optim import RAMDA  # noqa: E402
 from ramda_ds.param_groups import build_param_groups  # noqa: E402
 
 BACKENDS = ["ddp", "zero1", "zero2", "zero3", "fsdp2", "fsdp2_cols", "fsdp1"]
-D, LAYERS, STEPS = 256, 4, 3
+D, LAYERS, STEPS = int(os.environ.get("BENCH_D", 256)), int(os.environ.get("BENCH_LAYERS", 4)), 3
+COUNT = os.environ.get("BENCH_COUNT_OPS") == "1"  # a --count-ops worker
 
 
 class Stack(nn.Module):
@@ -61,7 +69,9 @@ def model():
 
 
 def make_opt(groups, kernels="torch", solver="pg"):
-    return RAMDA(groups, lr=1e-2, eps=1e-6, backend=kernels, solver=solver)
+    # --count-ops: exactly 10 PG iterations on every stack (rtol 0), so counts compare depths
+    kw = dict(rtol=0.0, max_iters=10) if COUNT else {}
+    return RAMDA(groups, lr=1e-2, eps=1e-6, backend=kernels, solver=solver, **kw)
 
 
 def groups_of(m):
@@ -158,6 +168,8 @@ def worker(backend, kernels, solver):
             opt.zero_grad()
             wrapped(x, s).backward()
             opt.step()
+    if COUNT:
+        return count_worker(step, opt)
     ms, calls, nbytes = timed_steps(step, opt)
     state_bytes = 0
     for st in opt.state.values():
@@ -177,6 +189,73 @@ def worker(backend, kernels, solver):
     dist.destroy_process_group()
 
 
+def count_worker(step, opt):
+    """Ops of the optimizer step of the second training step, on rank 0 (see --count-ops)."""
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from optimizer_step import OpCounter
+
+    from ramda_ds import kernels
+
+    step(0)
+    inner, counted = opt.step, {}
+
+    def wrapped(*a, **k):
+        launches = kernels.LAUNCHES[0]
+        with OpCounter() as c:
+            out = inner(*a, **k)
+        counted.update(ops=c.ops + kernels.LAUNCHES[0] - launches)
+        return out
+    opt.step = wrapped
+    step(1)
+    iters = max((s.iterations for s in opt.last_stats.values()), default=0)
+    if dist.get_rank() == 0:
+        from ramda_ds.optim.ramda import kernel_plan
+
+        print("RESULT " + json.dumps(dict(ops=counted["ops"], iters=iters, plan=kernel_plan(opt))))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def count_ops(backends, solvers):
+    print("ops per optimizer step, backend='triton' (interpreter), d = 64, 2 ranks, rank 0:")
+    print(f"{'backend':11s} {'solver':6s} {'8 blocks':>9s} {'iters':>5s} {'32 blocks':>9s} "
+          f"{'iters':>5s} {'growth':>7s}")
+    for solver in solvers:
+        for backend in backends:
+            got = []
+            for layers in (2, 8):  # 4 Linear layers each: 8 and 32 blocks (tensors)
+                env = dict(BENCH_COUNT_OPS="1", BENCH_D="64", BENCH_LAYERS=str(layers),
+                           TRITON_INTERPRET="1")
+                r = launch(backend, "triton", solver, env)
+                if r is None or r["plan"] != "triton":
+                    print(f"{backend:11s} {solver:6s} failed or not on triton: {r}")
+                    break
+                got.append(r)
+            if len(got) == 2:
+                print(f"{backend:11s} {solver:6s} {got[0]['ops']:9d} {got[0]['iters']:5d} "
+                      f"{got[1]['ops']:9d} {got[1]['iters']:5d} "
+                      f"{got[1]['ops'] / got[0]['ops']:6.2f}x")
+
+
+def launch(backend, kernels, solver, extra_env=None):
+    """One 2-process torchrun of this script's worker; its RESULT dict, or None (printed why)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(extra_env or {}))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-addr", "127.0.0.1", "--master-port", str(port), __file__,
+                          "--worker", backend, kernels, solver], env=env, capture_output=True,
+                         text=True)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        print(f"{backend} {kernels} {solver} failed: {out.stderr[-800:]}")
+        return None
+    return json.loads(line[7:])
+
+
 def main():
     import argparse
 
@@ -186,7 +265,12 @@ def main():
     ap.add_argument("--backends", nargs="+", default=BACKENDS, choices=BACKENDS)
     ap.add_argument("--kernels", nargs="+", default=["torch", "native"], choices=["torch", "native"])
     ap.add_argument("--solvers", nargs="+", default=["pg", "exact"], choices=["pg", "exact"])
+    ap.add_argument("--count-ops", action="store_true",
+                    help="ops per step of the Triton path on 8 and 32 blocks instead of timings")
     a = ap.parse_args()
+    if a.count_ops:
+        return count_ops([b for b in a.backends if b in ("zero2", "zero3", "fsdp2")]
+                         if a.backends != BACKENDS else ["zero2", "zero3", "fsdp2"], a.solvers)
     adamw_ms, P = unsharded(adamw=True)
     base = {solver: unsharded("torch", solver)[0] for solver in a.solvers}
     print(f"RAMDA + group lasso, {P / 1e6:.2f}M parameters, 2 ranks (gloo, 1 thread each)")
@@ -203,19 +287,9 @@ def main():
 
 
 def row(backend, kernels, solver, P, base_ms, adamw_ms):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-addr", "127.0.0.1", "--master-port", str(port), __file__,
-                          "--worker", backend, kernels, solver], env=env, capture_output=True,
-                         text=True)
-    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if line is None:
-        print(f"{backend:11s} {kernels:7s} {solver:6s} failed: {out.stderr[-500:]}")
+    r = launch(backend, kernels, solver)
+    if r is None:
         return
-    r = json.loads(line[7:])
     if r["plan"] != kernels:  # say what really ran
         kernels = f"{kernels} ({r['plan']})"
     mb = [b / 1e6 for b in r["state_bytes"]]

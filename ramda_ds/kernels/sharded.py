@@ -81,19 +81,39 @@ class Problem:
 
 class Sharded:
     """The table of one sharded step, its problems and the index vectors that map row slots to
-    problem slots and spanning slots to the all-reduce buffer."""
+    problem slots and spanning slots to the all-reduce buffer.  The index vectors depend only on
+    the segments, so they are built once and kept (``cache``: per param group, checked against
+    the segments by identity); each step then costs a fixed number of ops, not a few per tensor."""
 
-    def __init__(self, tab, tensors, probs, row_prob, slot_map, comm, device):
+    def __init__(self, tab, tensors, probs, row_prob, slot_ranges, comm, device, cache):
         self.tab, self.tensors, self.probs, self.comm = tab, tensors, probs, comm
-        counts = [pr.n for pr in probs]
-        self.G = sum(counts)
+        self.G = sum(pr.n for pr in probs)
         self.nP = len(probs)
+        self.delayed = [pr.delayed for pr in probs]
+        self.device = device
+        segs = [pr.seg for pr in probs]
+        key = (tuple(row_prob), tuple(slot_ranges), str(device))
+        hit = cache.get("segs") is not None and len(cache["segs"]) == len(segs) and \
+            all(a is b for a, b in zip(cache["segs"], segs)) and cache.get("key") == key
+        if not hit:
+            cache.clear()
+            cache.update(self._index(probs, row_prob, slot_ranges, device), segs=segs, key=key)
+        for name in ("row_prob_cpu", "slot_map", "prob_of", "owned", "span_idx", "span_pos",
+                     "pos_prob", "L"):
+            setattr(self, name, cache[name])
+        self.tau = torch.tensor([pr.tau for pr in probs], dtype=F64)[cache["prob_of_cpu"]].to(
+            device)  # τ per problem slot (changes every step with α)
+
+    @staticmethod
+    def _index(probs, row_prob, slot_ranges, device) -> dict:
         i64 = dict(dtype=torch.int64, device=device)
-        self.row_prob_cpu = torch.tensor(row_prob, dtype=torch.int64)  # −1: a free row
-        self.slot_map = torch.tensor(slot_map, **i64)
-        self.prob_of = torch.repeat_interleave(torch.arange(self.nP, **i64),
-                                               torch.tensor(counts, **i64))
-        self.tau = torch.tensor([pr.tau for pr in probs], dtype=F64, device=device)[self.prob_of]
+        counts = [pr.n for pr in probs]
+        out = dict(row_prob_cpu=torch.tensor(row_prob, dtype=torch.int64))  # −1: a free row
+        out["slot_map"] = (torch.cat([torch.arange(a, a + n) for a, n in slot_ranges])
+                           if slot_ranges else torch.zeros(0, dtype=torch.int64)).to(device)
+        out["prob_of_cpu"] = torch.repeat_interleave(torch.arange(len(probs)),
+                                                     torch.tensor(counts, dtype=torch.int64))
+        out["prob_of"] = out["prob_of_cpu"].to(device)
         owned, idx, pos, pos_prob, L = [], [], [], [], 0
         for pr in probs:
             span = pr.seg.span
@@ -104,13 +124,12 @@ class Sharded:
                 pos.append(L + span.global_pos.to(device))
                 pos_prob += [len(owned) - 1] * span.count
                 L += span.count
-        self.owned = torch.cat(owned) if owned else torch.zeros(0, dtype=F64, device=device)
-        self.span_idx = torch.cat(idx) if idx else torch.zeros(0, **i64)
-        self.span_pos = torch.cat(pos) if pos else torch.zeros(0, **i64)
-        self.L = L  # spanning slots of the communicating problems, the same on every rank
-        self.pos_prob = torch.tensor(pos_prob, dtype=torch.int64)  # their problems
-        self.delayed = [pr.delayed for pr in probs]
-        self.device = device
+        out["owned"] = torch.cat(owned) if owned else torch.zeros(0, dtype=F64, device=device)
+        out["span_idx"] = torch.cat(idx) if idx else torch.zeros(0, **i64)
+        out["span_pos"] = torch.cat(pos) if pos else torch.zeros(0, **i64)
+        out["L"] = L  # spanning slots of the communicating problems, the same on every rank
+        out["pos_prob"] = torch.tensor(pos_prob, dtype=torch.int64)  # their problems
+        return out
 
     def to_problems(self, row_vals, op="sum"):
         """Per problem slot: the row slots' values added (max for ``op="max"``)."""
@@ -174,7 +193,7 @@ def build(opt, group, present, kind: str, device_type: str | None):
     ramda, pg = kind == "ramda", group.get("solver", "pg") != "exact"
     keep_z = ramda and group.get("keep_structured", False)
     rows, ptrs, geom, scal, pscal, taus, keep = [], [], [], [], [], [], []
-    tensors, probs, row_prob, slot_map = [], [], [], []
+    tensors, probs, row_prob, slot_ranges = [], [], [], []
     row_slot = prob_slot = 0
     for (k, p, w, g), regs in zip(todo, segments):
         if ramda:
@@ -211,7 +230,7 @@ def build(opt, group, present, kind: str, device_type: str | None):
                 add(seg.lo + pc.lo, pc.hi - pc.lo, GroupLayout(pc.rows, pc.ncols, pc.inner),
                     row_slot, table.MODE_PG if pg else table.MODE_EXACT, pr.tau, len(probs),
                     seg)
-                slot_map.extend(range(prob_slot + pc.col, prob_slot + pc.col + pc.ncols))
+                slot_ranges.append((prob_slot + pc.col, pc.ncols))
                 row_slot += pc.ncols
             covered.append((seg.lo, seg.hi))
             probs.append(pr)
@@ -225,8 +244,9 @@ def build(opt, group, present, kind: str, device_type: str | None):
     tab.handled = {id(t[0]) for t in tensors}
     if not ramda:
         tab.pscal = pscal
-    return Sharded(tab, tensors, probs, row_prob, slot_map, next(iter(comms.values()), None),
-                   first)
+    cache = opt.__dict__.setdefault("_sharded_index", {}).setdefault(id(group), {})
+    return Sharded(tab, tensors, probs, row_prob, slot_ranges, next(iter(comms.values()), None),
+                   first, cache)
 
 
 def solve_pg(k, group, sh: Sharded, opt=None):
