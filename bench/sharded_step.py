@@ -39,7 +39,7 @@ from ramda_ds.optim import RAMDA  # noqa: E402
 from ramda_ds.param_groups import build_param_groups  # noqa: E402
 
 BACKENDS = ["ddp", "zero1", "zero2", "zero3", "fsdp2", "fsdp2_cols", "fsdp1"]
-D, LAYERS, STEPS = int(os.environ.get("BENCH_D", 256)), int(os.environ.get("BENCH_LAYERS", 4)), 3
+D, LAYERS, STEPS = int(os.environ.get("BENCH_D", 256)), int(os.environ.get("BENCH_LAYERS", 4)), 5
 COUNT = os.environ.get("BENCH_COUNT_OPS") == "1"  # a --count-ops worker
 
 

@@ -77,6 +77,7 @@ class Problem:
     n: int
     tau: float
     delayed: bool  # its groups' sums and Q are completed by the view's all-reduce
+    whole: bool = False  # every group whole on one rank (no spanning group): PG runs chunks
 
 
 class Sharded:
@@ -99,7 +100,7 @@ class Sharded:
             cache.clear()
             cache.update(self._index(probs, row_prob, slot_ranges, device), segs=segs, key=key)
         for name in ("row_prob_cpu", "slot_map", "prob_of", "owned", "span_idx", "span_pos",
-                     "pos_prob", "L"):
+                     "pos_prob", "L", "slot_row"):
             setattr(self, name, cache[name])
         self.tau = torch.tensor([pr.tau for pr in probs], dtype=F64)[cache["prob_of_cpu"]].to(
             device)  # τ per problem slot (changes every step with α)
@@ -114,6 +115,10 @@ class Sharded:
         out["prob_of_cpu"] = torch.repeat_interleave(torch.arange(len(probs)),
                                                      torch.tensor(counts, dtype=torch.int64))
         out["prob_of"] = out["prob_of_cpu"].to(device)
+        reg_rows = [t for t, i in enumerate(row_prob) if i >= 0]  # (in slot order)
+        out["slot_row"] = torch.repeat_interleave(  # per row slot: its row
+            torch.tensor(reg_rows, dtype=torch.int64),
+            torch.tensor([n for _, n in slot_ranges], dtype=torch.int64)).to(device)
         owned, idx, pos, pos_prob, L = [], [], [], [], 0
         for pr in probs:
             span = pr.seg.span
@@ -225,7 +230,8 @@ def build(opt, group, present, kind: str, device_type: str | None):
         covered = []
         for seg in regs:
             pr = Problem(seg, ti, prob_slot, seg.groups.num_groups if seg.numel else 0,
-                         group_tau(group, seg, scale), opt.view.comm_for(seg).world_size > 1)
+                         group_tau(group, seg, scale), opt.view.comm_for(seg).world_size > 1,
+                         seg.span is None or seg.span.count == 0)
             for pc in seg.groups.pieces if seg.numel else ():
                 add(seg.lo + pc.lo, pc.hi - pc.lo, GroupLayout(pc.rows, pc.ncols, pc.inner),
                     row_slot, table.MODE_PG if pg else table.MODE_EXACT, pr.tau, len(probs),
@@ -263,8 +269,12 @@ def solve_pg(k, group, sh: Sharded, opt=None):
     f = act.to(F64)  # f_0: the warm start W with screened groups set to 0
     eta_rows = eta[sh.slot_map].contiguous()
     nP, dev = sh.nP, f.device
-    done = [False] * nP
     iters, q_last, q_prev, ycol = [0] * nP, [math.nan] * nP, [math.nan] * nP, [table.COL_Y] * nP
+    whole = [i for i, pr in enumerate(sh.probs) if pr.whole]
+    f_rows = f[sh.slot_map].contiguous()  # the chunks' f, per row slot
+    if whole:
+        _chunks(k, group, sh, opt, whole, f_rows, eta_rows, const.tolist(), iters, q_last, ycol)
+    done = [pr.whole for pr in sh.probs]  # the loop below: problems with spanning groups
 
     def decide(which, q, j):  # q: complete Q(Z^j) per problem, identical on every rank
         for i in which:
@@ -308,7 +318,9 @@ def solve_pg(k, group, sh: Sharded, opt=None):
             decide(local, q.tolist(), j)
         pending = torch.where(go_mask, q, torch.zeros_like(q)) if pending_go else None
         src, dst = dst, (table.COL_Y2 if dst == table.COL_Y else table.COL_Y)
-    k.finish(f[sh.slot_map].contiguous(), per_row(ycol).tolist())
+    in_chunks = torch.tensor([pr.whole for pr in sh.probs] + [False], device=dev)[sh.prob_of][
+        sh.slot_map] if nP else torch.zeros(0, dtype=torch.bool, device=dev)
+    k.finish(torch.where(in_chunks, f_rows, f[sh.slot_map]).contiguous(), per_row(ycol).tolist())
     # statistics: owned active / screened groups and the pending Q, complete over ranks
     tail = torch.cat([sh.per_problem(act.to(F64) * sh.owned),
                       sh.per_problem((~act).to(F64) * sh.owned),
@@ -323,6 +335,75 @@ def solve_pg(k, group, sh: Sharded, opt=None):
         q_last[i] = tail[2 * nP + i]  # stopped at max_iters: Q complete only now
     return [SolverStats(iters[i], round(tail[i]), round(tail[nP + i]), math.nan, q_last[i])
             for i in range(nP)]
+
+
+def _chunks(k, group, sh, opt, which, f_rows, eta_rows, const, iters, q_last, ycol):
+    """PG as chunks (:func:`.table.solve_pg_chunked`'s scheme) for the problems ``which``, whose
+    groups are all whole on one rank (so each has at most one row here, its groups complete in
+    it): ``n`` iterations per pass in cache, one all-reduce per chunk completing the communicating
+    problems' shares of Q for each of its iterations (not one per iteration), the stop rule on
+    each iteration in order, a re-run of the chunk up to the stopping iteration.  Chunk lengths
+    come from the previous step's counts of the same problems, identical on every rank.  Fills
+    ``iters``, ``q_last``, ``ycol`` (per problem) and ``f_rows`` (per row slot, in place)."""
+    rtol, max_iters = group["rtol"], group["max_iters"]
+    T, dev = len(sh.tab.rows), f_rows.device
+    row_of = {}
+    for t, i in enumerate(sh.row_prob_cpu.tolist()):
+        if i >= 0 and sh.probs[i].whole:
+            if i in row_of:
+                raise RuntimeError(f"{sh.probs[i].seg.name}: a segment with no spanning group "
+                                   "has several pieces on one rank")
+            row_of[i] = t
+    hints = opt.__dict__.setdefault("_pg_chunk_hint", {})
+    names = {i: sh.probs[i].seg.name for i in which}
+    done, pos, q_prev = {i: False for i in which}, {i: 0 for i in which}, {}
+    src, dst, first, spared = table.COL_W, table.COL_Y, True, False
+    while not all(done.values()):
+        if dst == table.COL_Y2 and not spared:  # Y' on first need: the second chunk
+            for i, t in row_of.items():
+                if not done[i]:
+                    k.spare(t)
+            spared = True
+        n = {i: 0 if done[i] else min(max_iters - pos[i], table.first_chunk(hints.get(names[i]))
+                                      if first else table.NEXT_CHUNK) for i in which}
+        n_rows = [0] * T
+        for i, t in row_of.items():
+            n_rows[t] = n[i]
+        f_start = f_rows.clone()
+        q_rows = k.chunk(n_rows, f_rows, eta_rows, src, dst) if any(n_rows) else None
+        q = {i: [(q_rows[row_of[i]][m] if i in row_of else 0.0) + const[i] for m in range(n[i])]
+             for i in which}
+        talk = [i for i in which if sh.probs[i].delayed and n[i]]  # the same on every rank
+        if talk:
+            width = max(n[i] for i in talk)
+            buf = torch.tensor([q[i] + [0.0] * (width - n[i]) for i in talk], dtype=F64,
+                               device=dev)
+            sh.comm.sum_(buf.view(-1))
+            for i, v in zip(talk, buf.tolist()):
+                q[i] = v[:n[i]]
+        rerun = [0] * T
+        for i in which:
+            if done[i]:
+                continue
+            for m in range(n[i]):  # the stop rule on each iteration of the chunk, in order
+                j, qj = pos[i] + m + 1, q[i][m]
+                q_prev[i], q_last[i], iters[i] = q_last[i], qj, j
+                if j >= 2 and (q_prev[i] - qj) / (abs(qj) + 1.0) < rtol:
+                    done[i] = True
+                    if m + 1 < n[i] and i in row_of:
+                        rerun[row_of[i]] = m + 1
+                    break
+            pos[i] += n[i]
+            ycol[i] = dst
+            done[i] = done[i] or pos[i] >= max_iters
+        if any(rerun):  # from the chunk's start up to each stopping iteration
+            f_re = f_start.clone()
+            k.chunk(rerun, f_re, eta_rows, src, dst)
+            redo = torch.tensor([r > 0 for r in rerun], device=dev)[sh.slot_row]
+            f_rows.copy_(torch.where(redo, f_re, f_rows))
+        src, dst, first = dst, (table.COL_Y2 if dst == table.COL_Y else table.COL_Y), False
+    for i in which:
+        hints[names[i]] = iters[i]
 
 
 def solve_exact(k, group, sh: Sharded, opt, max_iters: int = 50):
