@@ -15,10 +15,15 @@ ranks is complete only after an all-reduce, so :func:`solve_pg` runs one iterati
   all-reduce that also completes ``Q`` of iterate ``j−1`` (the torch path's delayed stop
   decision), then ``f_j = max(0, 1 − ητ/‖Y_j‖)`` and the shares of ``Q_j``.
 
+Problems with no spanning group (a parameter whole on one ZeRO-1/2 partition, an FSDP2
+``Shard(1)`` column block, a replicated tensor) have each group complete in one row, so they run
+PG as *chunks* instead (:func:`_chunks`, the scheme of :func:`.table.solve_pg_chunked`): several
+iterations per pass in cache and one all-reduce per chunk for their shares of ``Q``.
+
 A *problem* is one regularized segment (empty ones included), exactly as on the torch path; every
 rank builds the same problems in the same order and makes the same stop decisions, so both ranks
 issue the same collectives: two for screening (``Σb²`` by sum, ``max P`` by max), one per
-iteration, one for the statistics.  The host work per iteration is a fixed number of ops on
+chunk, one per iteration of the problems with spanning groups, one for the statistics.  The host work per iteration is a fixed number of ops on
 concatenated vectors, whatever the number of tensors.  Problems the view solves locally
 (replicated tensors, ``local_solve`` tensors with no spanning group) run in the same passes with
 no communication and stop on their own ``Q``, as on the torch path.  The all-reduce buffer holds
