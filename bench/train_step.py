@@ -79,8 +79,11 @@ class Llama:
     def __init__(self, args):
         from transformers import LlamaConfig
 
-        self.cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=256, intermediate_size=688,
-                               num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4,
+        self.cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.llama_hidden,
+                               intermediate_size=args.llama_intermediate,
+                               num_hidden_layers=args.llama_layers,
+                               num_attention_heads=args.llama_heads,
+                               num_key_value_heads=args.llama_heads,
                                max_position_embeddings=max(512, args.llama_seq))
         self.seq = args.llama_seq
         self.lr = args.llama_lr
@@ -257,6 +260,10 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=2000)
     ap.add_argument("--llama-seq", type=int, default=128)
+    ap.add_argument("--llama-hidden", type=int, default=256)
+    ap.add_argument("--llama-intermediate", type=int, default=688)
+    ap.add_argument("--llama-layers", type=int, default=4)
+    ap.add_argument("--llama-heads", type=int, default=4)
     ap.add_argument("--lam", type=float, default=1e-5)
     ap.add_argument("--txl-lr", type=float, default=2e-2, help="RAMDA/MADGRAD lr (launch/train_lm.py)")
     ap.add_argument("--llama-lr", type=float, default=1e-2, help="RAMDA/MADGRAD lr")
