@@ -125,3 +125,22 @@ def test_every_triton_kernel_compiles_for_an_h200_without_one(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr[-3000:]
     lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
     assert len(lines) == 11 and all(ln.startswith("ok") for ln in lines), p.stdout
+
+
+def test_triton_kernels_take_a_table_with_no_rows():
+    """A rank of a sharded view whose shards of a param group are all empty (FSDP2 Shard(0) of a
+    weight with fewer rows than ranks) builds a table with no rows; its kernel calls must do
+    nothing, so that the rank goes on to the step's collectives (found in review: it raised)."""
+    from ramda_ds.kernels import table
+    from ramda_ds.kernels.triton_pg import _Kernels
+
+    k = _Kernels(table.Table([], [], [], [], [], 0, []), torch.device("cpu"))
+    k.free()
+    bb, cst, pmax = k.stage()
+    assert bb.numel() == cst.numel() == pmax.numel() == 0
+    empty = torch.zeros(0, dtype=torch.float64)
+    assert k.iterate(torch.zeros(0, dtype=torch.int32), empty, empty, 6, 8).shape == (3, 0)
+    assert k.exact_iter(torch.zeros(0, dtype=torch.int32), empty).shape == (2, 0)
+    assert [t.numel() for t in k.exact_stage()] == [0, 0, 0]
+    k.exact_finish(empty, torch.zeros(0))
+    k.finish(empty, [])

@@ -30,10 +30,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_workers(backend, tmp_path, kernels="torch"):
+def run_workers(backend, tmp_path, kernels="torch", **extra_env):
     out = tmp_path / f"{backend}.pt"
     env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path), OMP_NUM_THREADS="1",
-               TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), RAMDA_TEST_KERNELS=kernels)
+               TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), RAMDA_TEST_KERNELS=kernels, **extra_env)
     if kernels == "triton":  # the Triton kernels on CPU tensors
         env["TRITON_INTERPRET"] = "1"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
@@ -161,6 +161,19 @@ def test_sharded_triton_step_equals_unsharded_torch_step(backend, tmp_path, refe
     check_against_references(results, backend, references, rtol=1e-5)
     assert results["RAMDA"]["kernel_plan"] == "triton", results["RAMDA"]["kernel_plan"]
     assert results["RAMDA-exact"]["kernel_plan"] == "triton"
+
+
+def test_auto_takes_torch_on_every_rank_when_one_rank_cannot_build_the_kernels(tmp_path,
+                                                                             references):
+    """backend="auto" where rank 1 has no working C compiler: rank 0 could run the native
+    kernels, rank 1 cannot, and their collectives would differ (gloo: a size mismatch; NCCL: a
+    hang).  The first step agrees on the path: both take torch, the run equals the reference
+    bit for bit, and the plan says why."""
+    results = run_workers("zero2", tmp_path, kernels="auto", RAMDA_TEST_BROKEN_RANK="1")
+    check_against_references(results, "zero2", references, rtol=0.0)
+    for name in ("RAMDA", "ProxGen", "RAMDA-exact"):
+        assert results[name]["kernel_plan"].startswith("torch for "), results[name]["kernel_plan"]
+        assert "another rank cannot run the kernels" in results[name]["kernel_plan"]
 
 
 def test_fast_step_with_local_solve_equals_the_torch_step_with_local_solve(tmp_path):

@@ -26,9 +26,8 @@ issue the same collectives: two for screening (``Σb²`` by sum, ``max P`` by ma
 chunk, one per iteration of the problems with spanning groups, one for the statistics.  The host work per iteration is a fixed number of ops on
 concatenated vectors, whatever the number of tensors.  Problems the view solves locally
 (replicated tensors, ``local_solve`` tensors with no spanning group) run in the same passes with
-no communication and stop on their own ``Q``, as on the torch path.  The all-reduce buffer holds
-every communicating problem's spanning groups until the last of them stops (the torch path drops
-stopped ones): the same results, some more bytes.
+no communication and stop on their own ``Q``, as on the torch path.  The all-reduce carries the
+spanning groups of the problems still iterating, as the torch path's does.
 
 Which tensors qualify is decided from properties every rank shares (dtypes, contiguity, state),
 never from the local shard, so no rank takes the torch path while another takes this one.
@@ -37,6 +36,7 @@ never from the local shard, so no rank takes the torch path while another takes 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -192,10 +192,14 @@ def build(opt, group, present, kind: str, device_type: str | None):
         return None
     segments = [[seg for seg in opt._segments(group, p, k) if is_regularized(group, seg)]
                 for k, p, _, _ in todo]
-    n_rows = sum(len(seg.groups.pieces) + 1 for segs in segments for seg in segs) + len(todo)
-    if device_type is None and n_rows > 65535:  # checked before any state changes
-        raise RuntimeError(f"up to {n_rows} table rows: the Triton kernels take at most 65535 "
-                           "(a CUDA grid's y dimension); use backend='torch' for this param group")
+    # at most 5 pieces and a free row per segment and one free row per tensor: a bound that is
+    # the same on every rank (the views list the same segments everywhere), checked before any
+    # state changes, so all ranks fall back to torch together
+    bound = sum(6 * len(segs) for segs in segments) + len(todo)
+    if device_type is None and bound > 65535:
+        warnings.warn(f"ramda_ds: up to {bound} table rows, more than the 65535 of a CUDA grid's "
+                      "y dimension the Triton kernels use: this param group takes the torch path")
+        return None
     comms = {id(c): c for segs in segments for c in map(opt.view.comm_for, segs)
              if c.world_size > 1}
     if len(comms) > 1:
@@ -503,6 +507,10 @@ def step(opt, group, present, kind: str, path: str) -> set:
     or ``"triton"``) take; returns their ids (the torch path runs the others)."""
     if eligible(opt, group) is not None or not group["params"]:
         return set()
+    if path == "native":  # (loaded before the state changes: a failure leaves nothing half-done)
+        from .native_build import load
+
+        load()
     sh = build(opt, group, present, kind, "cpu" if path == "native" else None)
     if sh is None:
         return set()

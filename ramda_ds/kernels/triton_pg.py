@@ -196,30 +196,35 @@ class _Kernels:
         for (R, C, K, goff), row in zip(tab.geom, tab.rows):
             lay = row[5] if goff >= 0 else GroupLayout(1, C, 1)
             geo.append(list(_geom(lay)) + [max(goff, 0)])
-        self.ptrs = torch.tensor(tab.ptrs, dtype=torch.int64, device=dev)
-        self.geom = torch.tensor(geo, dtype=torch.int64, device=dev)
+        self.ptrs = torch.tensor(tab.ptrs, dtype=torch.int64, device=dev).view(-1, NPTR)
+        self.geom = torch.tensor(geo, dtype=torch.int64, device=dev).view(-1, 7)
         self.scal = torch.tensor(tab.scal, dtype=F64, device=dev)
         self.tau_t = torch.tensor(tab.taus, dtype=F64, device=dev)
         reg = [goff >= 0 for _, _, _, goff in tab.geom]
-        self.nblk = max(1, max(triton.cdiv(g[2], BC) for g in geo))
+        self.nblk = max([1] + [triton.cdiv(g[2], BC) for g in geo])
         self.grid = (self.nblk, len(geo))  # (blocks, tensors): blocks may exceed 65535
-        self.reg = torch.tensor(reg, device=dev)
+        self.reg = torch.tensor(reg, dtype=torch.bool, device=dev)
         self.spares = []
+
+    def _launch(self, kernel, *args, **constexprs):
+        """One launch on the table's grid; none for an empty table (a rank of a sharded view
+        whose shards of this group are all empty still takes part in the collectives)."""
+        LAUNCHES[0] += 1
+        if self.grid[1]:
+            kernel[self.grid](*args, BA=BA, BC=BC, **constexprs)
 
     def free(self):
         if not bool(self.reg.all()):  # the unregularized tensors
             geom = self.geom.clone()
             geom[self.reg, 2] = 0  # no blocks for the regularized ones
-            LAUNCHES[0] += 1
-            _free[self.grid](self.ptrs, geom, self.scal, BA=BA, BC=BC)
+            self._launch(_free, self.ptrs, geom, self.scal)
 
     def stage(self):
         G = max(self.tab.G, 1)
         bb, cst = torch.zeros(G, dtype=F64, device=self.dev), torch.zeros(G, dtype=F64, device=self.dev)
         pmax = torch.zeros(G, device=self.dev)
         geom = self._reg_geom()
-        LAUNCHES[0] += 1
-        _pg_stage[self.grid](self.ptrs, geom, self.scal, bb, cst, pmax, BA=BA, BC=BC)
+        self._launch(_pg_stage, self.ptrs, geom, self.scal, bb, cst, pmax)
         G = self.tab.G
         return bb[:G], cst[:G], pmax[:G]
 
@@ -236,9 +241,8 @@ class _Kernels:
         n_max, T = max(n), len(self.tab.rows)
         q_out = torch.zeros(T * self.nblk * n_max, dtype=F64, device=self.dev)
         n_t = torch.tensor(n, dtype=torch.int32, device=self.dev)
-        LAUNCHES[0] += 1
-        _pg_chunk[self.grid](self.ptrs, self._reg_geom(), n_t, n_max, self.nblk, self.tau_t, eta,
-                             f, src, dst, q_out, BA=BA, BC=BC)
+        self._launch(_pg_chunk, self.ptrs, self._reg_geom(), n_t, n_max, self.nblk, self.tau_t,
+                     eta, f, src, dst, q_out)
         return q_out.view(T, self.nblk, n_max).sum(1).tolist()
 
     def iterate(self, live, f, eta, src, dst):
@@ -246,9 +250,7 @@ class _Kernels:
         G = self.tab.G
         out = torch.zeros(3, max(G, 1), dtype=F64, device=self.dev)
         lv = live.to(device=self.dev, dtype=torch.int32)
-        LAUNCHES[0] += 1
-        _pg_iter[self.grid](self.ptrs, self._reg_geom(), lv, eta, f, src, dst, out, max(G, 1),
-                            BA=BA, BC=BC)
+        self._launch(_pg_iter, self.ptrs, self._reg_geom(), lv, eta, f, src, dst, out, max(G, 1))
         return out[:, :G]
 
     # the exact solver's passes for sharded tensors (:mod:`.sharded`), on exact.py's kernels
@@ -256,9 +258,8 @@ class _Kernels:
         G = max(self.tab.G, 1)
         bb = torch.zeros(G, dtype=F64, device=self.dev)
         pmax, pmin = torch.zeros(G, device=self.dev), torch.zeros(G, device=self.dev)
-        LAUNCHES[0] += 1
-        exact._stage[self.grid](self.ptrs, self._reg_geom(), self.scal, bb, pmax, pmin,
-                                           BA=BA, BC=BC, NP=NPTR)
+        self._launch(exact._stage, self.ptrs, self._reg_geom(), self.scal, bb, pmax, pmin,
+                     NP=NPTR)
         G = self.tab.G
         return bb[:G], pmax[:G], pmin[:G]
 
@@ -266,21 +267,18 @@ class _Kernels:
         """One Newton pass (every regularized row: the kernel has no live mask)."""
         G = max(self.tab.G, 1)
         out = torch.zeros(2, G, dtype=F64, device=self.dev)
-        LAUNCHES[0] += 1
-        exact._newton[self.grid](self.ptrs, self._reg_geom(), _padded(mu, G), out[0],
-                                            out[1], BA=BA, BC=BC, NP=NPTR)
+        self._launch(exact._newton, self.ptrs, self._reg_geom(), _padded(mu, G), out[0], out[1],
+                     NP=NPTR)
         return out[:, :self.tab.G]
 
     def exact_finish(self, mu, act):
         G = max(self.tab.G, 1)
-        LAUNCHES[0] += 1
-        exact._finish[self.grid](self.ptrs, self._reg_geom(), self.scal, _padded(mu, G),
-                                            _padded(act, G), BA=BA, BC=BC, NP=NPTR)
+        self._launch(exact._finish, self.ptrs, self._reg_geom(), self.scal, _padded(mu, G),
+                     _padded(act, G), NP=NPTR)
 
     def finish(self, f, ycol):
         yc = torch.tensor(ycol, dtype=torch.int64, device=self.dev)
-        LAUNCHES[0] += 1
-        _pg_finish[self.grid](self.ptrs, self._reg_geom(), self.scal, f, yc, BA=BA, BC=BC)
+        self._launch(_pg_finish, self.ptrs, self._reg_geom(), self.scal, f, yc)
 
 
 def _padded(x, n):

@@ -131,6 +131,33 @@ class StructuredOptimizer(torch.optim.Optimizer):
             if b is not None:
                 g["backend"] = b
 
+    def _kernel_path(self, group: dict, collective: bool = True) -> str:
+        """The path of :mod:`ramda_ds.kernels` this group's step takes (``backend`` resolved
+        for its device).  Under a sharded view every rank must take the same one (their
+        collectives differ), so the first step agrees on it with one all-reduce: if any rank's
+        kernels did not build or pass their self-test (``"auto"``), all take torch.
+        ``collective=False`` (the run's log): the agreed path if known, else this rank's."""
+        from .. import kernels
+
+        dev = group["params"][0].device
+        path = kernels.choose(group["backend"], dev)
+        if not self.view.sharded or path == "torch" and not collective:
+            return path
+        agreed = self.__dict__.setdefault("_agreed_paths", {})
+        key = (group["backend"], str(dev), path)
+        if key not in agreed and collective:
+            local = self.view.local(group["params"][0].detach())
+            refuse = torch.tensor([0.0 if path != "torch" else 1.0], dtype=torch.float64,
+                                  device=local.device)
+            self.view.comm.max_(refuse)
+            agreed[key] = path if refuse.item() == 0 else "torch"
+            if agreed[key] != path:
+                import warnings
+
+                warnings.warn(f"ramda_ds: backend={group['backend']!r} resolved to {path!r} here "
+                              "but another rank cannot run it; every rank uses torch")
+        return agreed.get(key, path)
+
     # ------------------------------------------------------------------ the step
     @torch.no_grad()
     def step(self, closure: Callable | None = None):

@@ -6,7 +6,6 @@ import math
 
 import torch
 
-from .. import kernels
 from ..solvers import Subproblem
 from .base import StructuredOptimizer, group_tau, is_regularized
 
@@ -44,7 +43,7 @@ class ProxGen(StructuredOptimizer):
 
     def _update_group(self, group, present):
         if group["backend"] != "torch" and group["params"] and group["solver"] != "exact" and \
-                kernels.choose(group["backend"], group["params"][0].device) == "native":
+                self._kernel_path(group) == "native":
             from ..kernels.native import proxgen_native_step
             from ..kernels.sharded import step as sharded_step
             if self.view.sharded:

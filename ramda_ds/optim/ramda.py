@@ -96,7 +96,7 @@ class RAMDA(StructuredOptimizer):
         ``group`` it applies to; returns their ids (the torch path below runs the others)."""
         if group["backend"] == "torch" or not group["params"]:
             return set()
-        path = kernels.choose(group["backend"], group["params"][0].device)
+        path = self._kernel_path(group)
         if self.view.sharded and path != "torch":  # pieces of tensors, PG one iteration a pass
             from ..kernels import sharded
             return sharded.step(self, group, present, "ramda", path)
@@ -124,10 +124,12 @@ def _tensor_paths(opt, group):
     if group["backend"] == "torch" or not n:
         return [("torch", None)] * n
     dev = params[0].device
-    path = kernels.choose(group["backend"], dev)
+    path = opt._kernel_path(group, collective=False) if group["params"] else \
+        kernels.choose(group["backend"], dev)  # (ZeRO-3 between steps: no params in the group)
     why = None
     if path == "torch":
-        why = f"no fast kernels for {dev} tensors here"
+        why = f"no fast kernels for {dev} tensors here" if kernels.choose(
+            group["backend"], dev) == "torch" else "another rank cannot run the kernels, so none does"
     elif not isinstance(opt, RAMDA) and (path != "native" or group["solver"] == "exact"):
         why = f"{type(opt).__name__} has a native PG step only"
     elif opt.view.sharded:
