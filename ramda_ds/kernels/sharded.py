@@ -22,9 +22,9 @@ iterations per pass in cache and one all-reduce per chunk for their shares of ``
 
 A *problem* is one regularized segment (empty ones included), exactly as on the torch path; every
 rank builds the same problems in the same order and makes the same stop decisions, so both ranks
-issue the same collectives: two for screening (``Σb²`` by sum, ``max P`` by max), one per
-chunk, one per iteration of the problems with spanning groups, one for the statistics.  The host work per iteration is a fixed number of ops on
-concatenated vectors, whatever the number of tensors.  Problems the view solves locally
+issue the same collectives: two for screening (``Σb²`` by sum, ``max P`` by max), one per chunk,
+one per iteration of the problems with spanning groups, one for the statistics.  The host work
+per iteration is a fixed number of ops on concatenated vectors, whatever the number of tensors.  Problems the view solves locally
 (replicated tensors, ``local_solve`` tensors with no spanning group) run in the same passes with
 no communication and stop on their own ``Q``, as on the torch path.  The all-reduce carries the
 spanning groups of the problems still iterating, as the torch path's does.
@@ -264,7 +264,7 @@ def build(opt, group, present, kind: str, device_type: str | None):
                    first, cache)
 
 
-def solve_pg(k, group, sh: Sharded, opt=None):
+def solve_pg(k, group, sh: Sharded, opt):
     """PG (Alg. 2, the paper's stop rule) on every problem of ``sh`` with kernel set ``k``
     (``stage``, ``iterate``, ``spare``, ``finish``); the :class:`SolverStats` per problem."""
     rtol, max_iters = group["rtol"], group["max_iters"]

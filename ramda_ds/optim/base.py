@@ -131,15 +131,16 @@ class StructuredOptimizer(torch.optim.Optimizer):
             if b is not None:
                 g["backend"] = b
 
-    def _kernel_path(self, group: dict, collective: bool = True) -> str:
+    def _kernel_path(self, group: dict, collective: bool = True, device=None) -> str:
         """The path of :mod:`ramda_ds.kernels` this group's step takes (``backend`` resolved
         for its device).  Under a sharded view every rank must take the same one (their
         collectives differ), so the first step agrees on it with one all-reduce: if any rank's
         kernels did not build or pass their self-test (``"auto"``), all take torch.
-        ``collective=False`` (the run's log): the agreed path if known, else this rank's."""
+        ``collective=False`` (the run's log): the agreed path if known, else this rank's;
+        ``device``: the group's (ZeRO-3 empties ``params`` between its sub-groups' steps)."""
         from .. import kernels
 
-        dev = group["params"][0].device
+        dev = device if device is not None else group["params"][0].device
         path = kernels.choose(group["backend"], dev)
         if not self.view.sharded or path == "torch" and not collective:
             return path

@@ -124,8 +124,7 @@ def _tensor_paths(opt, group):
     if group["backend"] == "torch" or not n:
         return [("torch", None)] * n
     dev = params[0].device
-    path = opt._kernel_path(group, collective=False) if group["params"] else \
-        kernels.choose(group["backend"], dev)  # (ZeRO-3 between steps: no params in the group)
+    path = opt._kernel_path(group, collective=False, device=dev)
     why = None
     if path == "torch":
         why = f"no fast kernels for {dev} tensors here" if kernels.choose(
