@@ -117,6 +117,10 @@ def test_every_triton_kernel_compiles_for_an_h200_without_one(tmp_path):
     import sys
     from pathlib import Path
 
+    from ramda_ds.kernels.compile_check import supported
+
+    if not supported():
+        pytest.skip("this Triton's compiler API differs from 3.9's that compile_check uses")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path / "cache"),
                PYTHONPATH=str(Path(__file__).resolve().parents[1]))

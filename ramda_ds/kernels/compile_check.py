@@ -52,6 +52,15 @@ def kernels():
     return out
 
 
+def supported() -> bool:
+    """Whether this Triton's compiler API is the one used here (Triton 3.9's)."""
+    import inspect
+
+    from triton.compiler import ASTSource
+
+    return "constexprs" in inspect.signature(ASTSource).parameters
+
+
 def compile_all(arch: int = 90) -> dict[str, str | None]:
     """Compile each kernel for ``sm_<arch>``: name → None (compiled to a cubin) or the error."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -60,6 +69,9 @@ def compile_all(arch: int = 90) -> dict[str, str | None]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    if not supported():
+        raise RuntimeError(f"compile_check uses ASTSource(constexprs=...), which Triton "
+                           f"{triton.__version__} does not have (it was written for 3.9)")
     target = GPUTarget("cuda", arch, 32)
     result = {}
     for name, fn, types, consts in kernels():
