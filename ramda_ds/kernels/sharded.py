@@ -391,20 +391,10 @@ def _chunks(k, group, sh, opt, which, f_rows, eta_rows, const, iters, q_last, yc
             for i, v in zip(talk, buf.tolist()):
                 q[i] = v[:n[i]]
         rerun = [0] * T
-        for i in which:
-            if done[i]:
-                continue
-            for m in range(n[i]):  # the stop rule on each iteration of the chunk, in order
-                j, qj = pos[i] + m + 1, q[i][m]
-                q_prev[i], q_last[i], iters[i] = q_last[i], qj, j
-                if j >= 2 and (q_prev[i] - qj) / (abs(qj) + 1.0) < rtol:
-                    done[i] = True
-                    if m + 1 < n[i] and i in row_of:
-                        rerun[row_of[i]] = m + 1
-                    break
-            pos[i] += n[i]
-            ycol[i] = dst
-            done[i] = done[i] or pos[i] >= max_iters
+        for i, m in table.stop_in_chunk(which, n, q, pos, q_prev, q_last, iters, done, ycol, dst,
+                                        rtol, max_iters).items():
+            if i in row_of:
+                rerun[row_of[i]] = m
         if any(rerun):  # from the chunk's start up to each stopping iteration
             f_re = f_start.clone()
             k.chunk(rerun, f_re, eta_rows, src, dst)

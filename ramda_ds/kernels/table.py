@@ -264,19 +264,11 @@ def solve_pg_chunked(k, opt, group, tab, tau_t):
         n = [0 if done[t] else min(max_iters - pos[t], want[t]) for t in range(T)]
         f_start = f.clone()
         q = k.chunk(n, f, eta, src, dst)
+        q = [[x + const_t[t] for x in q[t][:n[t]]] for t in range(T)]
         rerun = [0] * T
-        for t in range(T):
-            if done[t]:
-                continue
-            for i in range(n[t]):  # the stop rule on each iteration of the chunk, in order
-                j, qj = pos[t] + i + 1, q[t][i] + const_t[t]
-                q_prev[t], q_last[t], iters[t] = q_last[t], qj, j
-                if j >= 2 and (q_prev[t] - qj) / (abs(qj) + 1.0) < rtol:
-                    done[t], rerun[t] = True, (i + 1 if i + 1 < n[t] else 0)
-                    break
-            pos[t] += n[t]
-            ycol[t] = dst
-            done[t] = done[t] or pos[t] >= max_iters
+        for t, m in stop_in_chunk(range(T), n, q, pos, q_prev, q_last, iters, done, ycol, dst,
+                                  rtol, max_iters).items():
+            rerun[t] = m
         if any(rerun):  # from the chunk's start up to each stopping iteration
             f_re = f_start.clone()
             k.chunk(rerun, f_re, eta, src, dst)
@@ -288,6 +280,30 @@ def solve_pg_chunked(k, opt, group, tab, tau_t):
             hints[names[t]] = iters[t]
     k.finish(f, ycol)
     return iters, act, q_last
+
+
+def stop_in_chunk(units, n, q, pos, q_prev, q_last, iters, done, ycol, dst, rtol, max_iters):
+    """The paper's stop rule on each iteration of a chunk, in order, for the ``units`` not done:
+    ``q[u][m]`` is the complete Q of iteration ``pos[u] + m + 1``.  Updates the per-unit lists
+    (``pos``, ``q_prev``, ``q_last``, ``iters``, ``done``; ``ycol[u] = dst``) and returns
+    ``{u: m}`` for the units that stopped after ``m`` iterations, before the chunk's last (they
+    re-run the chunk from its start up to there)."""
+    stops = {}
+    for u in units:
+        if done[u]:
+            continue
+        for m in range(n[u]):
+            j, qj = pos[u] + m + 1, q[u][m]
+            q_prev[u], q_last[u], iters[u] = q_last[u], qj, j
+            if j >= 2 and (q_prev[u] - qj) / (abs(qj) + 1.0) < rtol:
+                done[u] = True
+                if m + 1 < n[u]:
+                    stops[u] = m + 1
+                break
+        pos[u] += n[u]
+        ycol[u] = dst
+        done[u] = done[u] or pos[u] >= max_iters
+    return stops
 
 
 def record(opt, group, tab, iters, act, q, restarts: bool = True) -> None:
