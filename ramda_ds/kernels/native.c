@@ -159,6 +159,34 @@ void ramda_free(const int64_t *ptrs, const int64_t *geom, const double *scal, co
     }
 }
 
+/* the exact solver's stage on one element: P, b into the item's packed copy, per group
+ * sum b^2 into ACC[j], max P into mx[j], min P into mn[j] */
+#define EXACT_STAGE_ELEMENT(ACC)                                                            \
+    STAGE_ELEMENT                                                                           \
+    const int64_t ip = PACKED_INDEX;                                                        \
+    P[ip] = p;                                                                              \
+    b[ip] = bv;                                                                             \
+    ACC[j] += (double)(bv * bv);                                                            \
+    mx[j] = p > mx[j] ? p : mx[j];                                                          \
+    mn[j] = p < mn[j] ? p : mn[j];
+
+/* one Newton pass over the item's packed P, b at m[j] = (float)mu_g: per group
+ * sum b^2/(P+mu)^2 into a2[j] and sum b^2/(P+mu)^3 into a3[j] */
+#define NEWTON_SUMS                                                                         \
+    FOR_PACKED({                                                                            \
+        const float bv = b[ip];                                                             \
+        const float d = 1.0f / (P[ip] + m[j]);                                              \
+        const float q = ((bv * bv) * d) * d;                                                \
+        a2[j] += (double)q;                                                                 \
+        a3[j] += (double)(q * d);                                                           \
+    })
+
+/* the exact solver's result on one element, Z = act*b/(P+mu), and W <- lerp(W, Z, c) */
+#define EXACT_RESULT_ELEMENT                                                                \
+    const int64_t ip = PACKED_INDEX;                                                        \
+    const float z = (b[ip] / (P[ip] + m[j])) * ga[j];                                       \
+    LERP_INTO_W
+
 /* RAMDA + exact solver, one pass per item: the stage into the item's P, b (then in cache), per
  * group screening ||b_g|| > tau and the bracket [tau*min P, tau*max P]/(||b_g|| - tau), safeguarded
  * Newton on 1/||Z(mu)|| - mu/tau until every group of the item satisfies |mu*||Z|| - tau| <= tol*tau
@@ -183,15 +211,7 @@ int ramda_exact(const int64_t *ptrs, const int64_t *geom, const double *scal, co
         if (!P) return 1;              /* nothing of this item changed: the caller raises */
         float *b = P + n;
         for (int64_t j = 0; j < nw; j++) { a2[j] = 0.0; mx[j] = -__builtin_inff(); mn[j] = __builtin_inff(); }
-        FOR_ELEMENTS({
-            STAGE_ELEMENT
-            const int64_t ip = PACKED_INDEX;
-            P[ip] = p;
-            b[ip] = bv;
-            a2[j] += (double)(bv * bv);
-            mx[j] = p > mx[j] ? p : mx[j];
-            mn[j] = p < mn[j] ? p : mn[j];
-        })
+        FOR_ELEMENTS({ EXACT_STAGE_ELEMENT(a2) })
         for (int64_t j = 0; j < nw; j++) {
             const double nb = __builtin_sqrt(a2[j]);
             const int act = nb > tau;
@@ -211,13 +231,7 @@ int ramda_exact(const int64_t *ptrs, const int64_t *geom, const double *scal, co
         int passes = 0;
         for (int iter = 1; tau > 0.0 && iter <= max_iters; iter++) {
             for (int64_t j = 0; j < nw; j++) { a2[j] = 0.0; a3[j] = 0.0; m[j] = (float)mu[j]; }
-            FOR_PACKED({
-                const float bv = b[ip];
-                const float d = 1.0f / (P[ip] + m[j]);
-                const float q = ((bv * bv) * d) * d;
-                a2[j] += (double)q;
-                a3[j] += (double)(q * d);
-            })
+            NEWTON_SUMS
             int bad = 0;
             for (int64_t j = 0; j < nw; j++) {
                 double zn2 = a2[j] > 1e-300 ? a2[j] : 1e-300;
@@ -240,11 +254,7 @@ int ramda_exact(const int64_t *ptrs, const int64_t *geom, const double *scal, co
             double q = (mu[j] - lo0[j]) / (hi0[j] - lo0[j]);
             pos_out[goff + c0 + j] = q == q && q != __builtin_inf() && q != -__builtin_inf() ? q : 1.0;
         }
-        FOR_ELEMENTS({
-            const int64_t ip = PACKED_INDEX;
-            const float z = (b[ip] / (P[ip] + m[j])) * ga[j];
-            LERP_INTO_W
-        })
+        FOR_ELEMENTS({ EXACT_RESULT_ELEMENT })
         passes_out[it] = passes;
     }
     return 0;
@@ -407,15 +417,7 @@ void ramda_exact_stage(const int64_t *ptrs, const int64_t *geom, const double *s
         STAGE_SETUP
         float *P = F(t, 4) + R * K * c0, *b = F(t, 5) + R * K * c0; /* item-packed */
         for (int64_t j = 0; j < nw; j++) { acc[j] = 0.0; mx[j] = -__builtin_inff(); mn[j] = __builtin_inff(); }
-        FOR_ELEMENTS({
-            STAGE_ELEMENT
-            const int64_t ip = PACKED_INDEX;
-            P[ip] = p;
-            b[ip] = bv;
-            acc[j] += (double)(bv * bv);
-            mx[j] = p > mx[j] ? p : mx[j];
-            mn[j] = p < mn[j] ? p : mn[j];
-        })
+        FOR_ELEMENTS({ EXACT_STAGE_ELEMENT(acc) })
         for (int64_t j = 0; j < nw; j++) {
             bb[goff + c0 + j] = acc[j];
             pmax[goff + c0 + j] = mx[j];
@@ -436,13 +438,7 @@ void ramda_exact_iter(const int64_t *ptrs, const int64_t *geom, const int64_t *i
         const int64_t off = R * K * c0;
         const float *P = F(t, 4) + off, *b = F(t, 5) + off;
         for (int64_t j = 0; j < nw; j++) { a2[j] = 0.0; a3[j] = 0.0; m[j] = (float)mu[goff + c0 + j]; }
-        FOR_PACKED({
-            const float bv = b[ip];
-            const float d = 1.0f / (P[ip] + m[j]);
-            const float q = ((bv * bv) * d) * d;
-            a2[j] += (double)q;
-            a3[j] += (double)(q * d);
-        })
+        NEWTON_SUMS
         for (int64_t j = 0; j < nw; j++) {
             s2[goff + c0 + j] = a2[j];
             s3[goff + c0 + j] = a3[j];
@@ -462,11 +458,7 @@ void ramda_exact_finish(const int64_t *ptrs, const int64_t *geom, const double *
         const int64_t off = R * K * c0;
         const float *P = F(t, 4) + off, *b = F(t, 5) + off;
         for (int64_t j = 0; j < nw; j++) { m[j] = (float)mu[goff + c0 + j]; ga[j] = act[goff + c0 + j]; }
-        FOR_ELEMENTS({
-            const int64_t ip = PACKED_INDEX;
-            const float z = (b[ip] / (P[ip] + m[j])) * ga[j];
-            LERP_INTO_W
-        })
+        FOR_ELEMENTS({ EXACT_RESULT_ELEMENT })
     }
 }
 

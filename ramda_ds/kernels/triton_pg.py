@@ -88,6 +88,20 @@ def _pg_stage(ptrs, geom, scal, bb_out, cst_out, pmax_out, BA: tl.constexpr, BC:
 
 
 @triton.jit
+def _pg_tile(Pp, bp, Ys, Yd, off, m, fg, eg):
+    """One PG iteration on a tile: ``Y_d = ηb + (1 − ηP)∘(f∘Y_s)`` (stored) and the tile's
+    per-group ``ΣY², ΣPY², ΣbY`` in float64."""
+    P = tl.load(Pp + off, mask=m, other=0.0)
+    b = tl.load(bp + off, mask=m, other=0.0)
+    z = tl.load(Ys + off, mask=m, other=0.0) * fg[None, :]
+    y = b * eg[None, :] + (1.0 - P * eg[None, :]) * z
+    tl.store(Yd + off, y, mask=m)
+    yd = y.to(tl.float64)
+    return (tl.sum(yd * yd, axis=0), tl.sum(P.to(tl.float64) * yd * yd, axis=0),
+            tl.sum(b.to(tl.float64) * yd, axis=0))
+
+
+@triton.jit
 def _pg_chunk(ptrs, geom, n_iter, n_max, nblk, tau_t, eta, f, src, dst, q_out,
               BA: tl.constexpr, BC: tl.constexpr):
     cb = tl.program_id(0)  # blocks on grid x (up to 2^31 − 1; y and z stop at 65535)
@@ -111,19 +125,10 @@ def _pg_chunk(ptrs, geom, n_iter, n_max, nblk, tau_t, eta, f, src, dst, q_out,
             for bi in range(0, nb):
                 for a0 in range(0, na, BA):
                     off, m = _tile(bi, a0, na, sa, sb, c, sc, cm, BA)
-                    P = tl.load(Pp + off, mask=m, other=0.0)
-                    b = tl.load(bp + off, mask=m, other=0.0)
-                    if it == 0:
-                        Y = tl.load(Ys0 + off, mask=m, other=0.0)
-                    else:
-                        Y = tl.load(Yd + off, mask=m, other=0.0)
-                    z = Y * fg[None, :]
-                    y = b * eg[None, :] + (1.0 - P * eg[None, :]) * z
-                    tl.store(Yd + off, y, mask=m)
-                    yd = y.to(tl.float64)
-                    a1 += tl.sum(yd * yd, axis=0)
-                    a2 += tl.sum(P.to(tl.float64) * yd * yd, axis=0)
-                    a3 += tl.sum(b.to(tl.float64) * yd, axis=0)
+                    s1, s2, s3 = _pg_tile(Pp, bp, Ys0 if it == 0 else Yd, Yd, off, m, fg, eg)
+                    a1 += s1
+                    a2 += s2
+                    a3 += s3
             nrm = tl.sqrt(a1)
             fd = tl.maximum(1.0 - ed * tau / tl.maximum(nrm, 1e-300), 0.0)
             qg = 0.5 * fd * fd * a2 - fd * a3 + tau * fd * nrm
@@ -150,15 +155,10 @@ def _pg_iter(ptrs, geom, live, eta, f, src, dst, s_out, G, BA: tl.constexpr, BC:
         for bi in range(0, nb):
             for a0 in range(0, na, BA):
                 off, m = _tile(bi, a0, na, sa, sb, c, sc, cm, BA)
-                P = tl.load(Pp + off, mask=m, other=0.0)
-                b = tl.load(bp + off, mask=m, other=0.0)
-                z = tl.load(Ys + off, mask=m, other=0.0) * fg[None, :]
-                y = b * eg[None, :] + (1.0 - P * eg[None, :]) * z
-                tl.store(Yd + off, y, mask=m)
-                yd = y.to(tl.float64)
-                a1 += tl.sum(yd * yd, axis=0)
-                a2 += tl.sum(P.to(tl.float64) * yd * yd, axis=0)
-                a3 += tl.sum(b.to(tl.float64) * yd, axis=0)
+                s1, s2, s3 = _pg_tile(Pp, bp, Ys, Yd, off, m, fg, eg)
+                a1 += s1
+                a2 += s2
+                a3 += s3
         tl.store(s_out + g0 + c, a1, mask=cm)
         tl.store(s_out + G + g0 + c, a2, mask=cm)
         tl.store(s_out + 2 * G + g0 + c, a3, mask=cm)
