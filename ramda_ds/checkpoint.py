@@ -209,8 +209,10 @@ def plan_load(optimizer, files):
                 raise CheckpointError(f"{seg.name}: checkpoint shape {pieces[0][0]['shape']} != "
                                       f"model shape {list(seg.shape)}")
             saved = frags.keys(seg.name)
-            optional = {"structured"} & saved if group.get("keep_structured") else set()
-            if saved - optional != keys:  # Ŵ of the last step: restored when present
+            # Ŵ of the last step, and a frozen support (ramda_ds.compress): restored when present
+            optional = ({"structured"} if group.get("keep_structured") else set()) | {"support"}
+            optional &= saved
+            if saved - optional != keys:
                 raise CheckpointError(f"{seg.name}: checkpoint holds {sorted(saved)}, "
                                       f"{type(optimizer).__name__} needs {sorted(keys)} "
                                       "(written by another optimizer, or with other settings?)")

@@ -167,6 +167,7 @@ class StructuredOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         present = self._agree_on_gradients()
+        self._hold_support()
         for group in self.param_groups:
             if group["lr"] == 0:  # the probing step of DCP / accelerate: create state, change nothing
                 for _, p, w, g in self._params(group, present):
@@ -202,6 +203,15 @@ class StructuredOptimizer(torch.optim.Optimizer):
                 "groups in this step() call were left unchanged (DeepSpeed ZeRO-1/2 steps one "
                 "group per call). Lower the learning rate, clip gradients or check the loss.")
         return {id(p) for p, h in zip(params, has) if h}
+
+    def _hold_support(self) -> None:
+        """G ← G∘support on tensors with a frozen support (:mod:`ramda_ds.compress.support`):
+        removed units get no gradient, on every step path (torch and the kernels alike)."""
+        for p, st in self.state.items():
+            if "support" in st and p.grad is not None:
+                g = self.view.local(p.grad.detach())
+                s = self.view.local(st["support"]).view(g.shape).to(g.dtype)
+                g.mul_(s)
 
     # ------------------------------------------------------------------ restart schedule
     def _advance(self, group: dict, st: dict) -> tuple[int, int]:

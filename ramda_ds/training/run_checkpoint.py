@@ -62,7 +62,8 @@ def fingerprint(optimizer) -> dict:
         for name, shape in zip(g["param_names"], g["param_shapes"]):
             params[name] = dict(shape=list(shape), regularizer=reg,
                                 grouping=g.get("grouping") if reg else None,
-                                lam=float(g.get("lam", 0.0)) if reg else None)
+                                lam=("target" if g.get("target") else float(g.get("lam", 0.0)))
+                                if reg else None)  # a size target sets λ itself, per step
     return dict(optimizer=type(optimizer).__name__, params=params)
 
 
