@@ -61,6 +61,33 @@ class FinetuneArgs:
                 "max(steps − ⌈1/c0²⌉, steps/2), so that c = min(c0·√i, 1) reaches 1 and W "
                 "becomes exactly the sparse Ŵ by the end"})
     units: str = field(default="ffn,heads", metadata={"help": "ffn, heads, or both"})
+    target: float = field(default=0.0, metadata={
+        "help": "size target: fraction kept (of the --units, or of the parameters with "
+                "--target_of params), met in this run: RAMDA identifies the units with λ set per "
+                "step, then the support is frozen and the kept units recover with λ = 0 "
+                "(--lam is ignored); 0: off (a fixed --lam). See docs/compression.md"})
+    target_of: str = field(default="units", metadata={"help": "units | params"})
+    target_ramp: int = field(default=0, metadata={
+        "help": "steps over which the kept fraction goes from 1 to --target; 0: 30%% of --steps"})
+    target_stable: int = field(default=10, metadata={
+        "help": "steps the kept set must stay unchanged before the support is frozen"})
+    target_max_identify: int = field(default=0, metadata={
+        "help": "freeze the support by this step at the latest; 0: ramp + 2·stable"})
+    target_floor: float = field(default=0.0, metadata={
+        "help": "each tensor keeps at least this fraction of its units"})
+    recover_lr_scale: float = field(default=1.0, metadata={
+        "help": "lr and ε of the recovery stage relative to identification"})
+    method: str = field(default="ramda", metadata={
+        "help": "ramda | prune_recover (the baseline: rank units by --prune_criterion at step 0, "
+                "prune to --target, recover with AdamW on the kept units)"})
+    prune_criterion: str = field(default="activation", metadata={"help": "activation | weight"})
+    prune_allocation: str = field(default="uniform", metadata={
+        "help": "uniform (one width for every layer) or a run's summary.json (its kept units "
+                "per tensor, e.g. RAMDA's allocation)"})
+    distill: float = field(default=0.0, metadata={
+        "help": "β of the distillation loss β·T²·KL(teacher‖student) + (1−β)·CE, the teacher "
+                "being the starting model (sharded as the student); 0: off"})
+    distill_temperature: float = field(default=1.0, metadata={"help": "T of the distillation"})
     groups: str = field(default="", metadata={"help": "custom units: 'PATTERN=RULE;...' with RULE "
                                               "input | output | head:D (replaces --units)"})
     seq_len: int = field(default=64, metadata={"help": "tokens per sequence"})
@@ -112,6 +139,7 @@ def validate(a: FinetuneArgs) -> None:
         raise SystemExit(f"--model_path must be a local HF checkpoint with config.json, got {a.model_path!r}")
     if a.eval_every == 0:
         a.eval_every = max(1, a.steps // 10)
+    validate_compression(a)
     if a.milestones.strip() == "auto":
         a.milestones = auto_milestones(a.steps, a.momentum) if a.optimizer != "adamw" and \
             0 < a.momentum <= 1 else ""
@@ -144,6 +172,57 @@ def validate(a: FinetuneArgs) -> None:
     checkpoint_tokenizer(a)
 
 
+def validate_compression(a: FinetuneArgs) -> None:
+    """--target / --method / --distill checked and resolved (before anything starts)."""
+    from ramda_ds.compress.recipe import TargetConfig, resolve_ramp
+    from ramda_ds.compress.run import METHODS, read_allocation
+
+    if a.method not in METHODS:
+        raise SystemExit(f"method must be one of {METHODS}, got {a.method!r}")
+    if not 0 <= a.distill <= 1 or a.distill_temperature <= 0:
+        raise SystemExit(f"distill must be in [0, 1] (0: off) and distill_temperature > 0, got "
+                         f"{a.distill} and {a.distill_temperature}")
+    if a.method == "prune_recover":
+        if not a.target:
+            raise SystemExit("--method prune_recover needs --target (the fraction of units kept)")
+        if a.optimizer not in ("ramda", "proxgen"):
+            raise SystemExit("--method prune_recover recovers with AdamW (ProxGen at λ = 0); "
+                             f"--optimizer {a.optimizer} does not apply")
+        if a.prune_criterion not in ("activation", "weight"):
+            raise SystemExit(f"prune_criterion must be activation or weight, got {a.prune_criterion!r}")
+        if a.target_of != "units":
+            raise SystemExit("--method prune_recover takes --target_of units")
+        a.optimizer = "proxgen"
+        try:
+            read_allocation(a.prune_allocation)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+    if not a.target:
+        return
+    if a.method == "ramda" and a.optimizer != "ramda":
+        raise SystemExit(f"--target identifies units with RAMDA; --optimizer {a.optimizer} does "
+                         "not (use --method prune_recover for the prune-then-recover baseline)")
+    if a.milestones.strip() not in ("auto", ""):
+        raise SystemExit("--target schedules its own stages (identification, then recovery from "
+                         "the frozen support): leave --milestones at auto")
+    a.milestones = ""
+    cfg = target_config(a, total_params=1)
+    try:
+        cfg.check(a.steps if a.method == "ramda" else None)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    a.target_ramp = resolve_ramp(cfg, a.steps).ramp
+
+
+def target_config(a: FinetuneArgs, total_params: int):
+    from ramda_ds.compress.recipe import TargetConfig, resolve_ramp
+
+    return resolve_ramp(TargetConfig(
+        target=a.target, of=a.target_of, ramp=a.target_ramp, stable=a.target_stable,
+        max_identify=a.target_max_identify, floor=a.target_floor,
+        recover_lr_scale=a.recover_lr_scale, total_params=total_params), a.steps)
+
+
 def checkpoint_tokenizer(a: FinetuneArgs):
     """The checkpoint's tokenizer, None to train SentencePiece (``--tokenizer train``, or no
     tokenizer files: Llama raises); refuses one that cannot encode text. transformers returns an
@@ -173,7 +252,14 @@ def unit_groups(a: FinetuneArgs):
     from ramda_ds.hf.units import unit_param_groups
 
     def groups_of(model):
-        return unit_param_groups(model, a.lam, a.units, a.groups)
+        if not a.target:
+            return unit_param_groups(model, a.lam, a.units, a.groups)
+        # a size target sets λ per step (0 from the freeze on): the units stay group-lasso groups
+        groups = unit_param_groups(model, 1.0, a.units, a.groups)
+        for g in groups:
+            if g.get("regularizer") == "group_lasso":
+                g.update(lam=0.0, target=True)
+        return groups
     return groups_of
 
 
@@ -204,6 +290,34 @@ def causal_lm_forward(model, x, memory):
     return model(input_ids=x).logits, None
 
 
+def _blocks(model):
+    return getattr(getattr(model, "model", None), "layers", None) or \
+        getattr(getattr(model, "transformer", None), "h", [])
+
+
+def compression_hooks(a: FinetuneArgs, acc, model, opt, task, n_params: int):
+    """The loop's hooks for --target / --method prune_recover (None without them)."""
+    if not a.target:
+        return None
+    from ramda_ds.compress.importance import activation_scores
+    from ramda_ds.compress.run import CompressionHooks, read_allocation
+    from ramda_ds.hf.units import unit_patterns
+    from ramda_ds.training.loop import unwrap
+    from ramda_ds.training.world import world_sum_
+
+    inner = unwrap(opt)
+
+    def activations():  # 16 micro-batches of every rank's own rows, summed over ranks
+        rules = unit_patterns(getattr(model, "module", model), a.units, a.groups)
+        batches = task.batches(0)
+        xs = [next(batches)[0].to(acc.device) for _ in range(16)]
+        return activation_scores(model, rules, xs,
+                                 reduce=lambda t: world_sum_(t.to(acc.device)).cpu())
+    return CompressionHooks(inner, a.method, target_config(a, n_params), a.prune_criterion,
+                            read_allocation(a.prune_allocation) if a.method == "prune_recover"
+                            else None, activations)
+
+
 def main(argv=None):
     a = parse_args(argv)
     from transformers import AutoModelForCausalLM
@@ -217,18 +331,38 @@ def main(argv=None):
     train_ids, valid_ids = tokenize(acc, a, model.config.vocab_size, out)
     task = make_task(acc, a, train_ids, valid_ids, a.seq_len, causal_lm_forward,
                      eval_tokens=a.eval_tokens)
-    blocks = getattr(getattr(model, "model", None), "layers", None) or \
-        getattr(getattr(model, "transformer", None), "h", [])
+    blocks = _blocks(model)
     ramda = a.optimizer == "ramda"
+    n_params = sum(p.numel() for p in model.parameters())
+    teacher = None
+    if a.distill:  # a frozen copy of the starting model, before wrapping changes it
+        from ramda_ds.compress.distill import DistillTask, make_teacher
+        from ramda_ds.training.launch import backend_name, use_fsdp2
+
+        kind = "fsdp2" if use_fsdp2(a.fsdp2) else backend_name(acc, False)
+        try:
+            teacher, held = make_teacher(
+                model, acc, precision, kind, blocks_of=_blocks,
+                load=lambda: AutoModelForCausalLM.from_pretrained(a.model_path, dtype=torch.float32))
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        task = DistillTask(task, teacher, a.distill, a.distill_temperature)
     model, opt, setup = wrap(acc, a, model, blocks, precision, unit_groups(a), keep_structured=ramda)
     setup.update(model=a.model_path, solver=a.solver, valid_tokens=task.valid_tokens,
-                 headline="structured" if ramda else "W")
+                 headline="structured" if ramda else "W", method=a.method)
+    if teacher is not None:
+        setup.update(distill=dict(beta=a.distill, temperature=a.distill_temperature,
+                                  teacher_params_per_rank=held,
+                                  teacher_bytes_per_rank=held * (2 if precision == "bf16" else 4)))
+    hooks = compression_hooks(a, acc, model, opt, task, n_params)
+    if hooks is not None:
+        setup.update(target=a.target, target_of=a.target_of, target_ramp=a.target_ramp)
     # RAMDA's W is an average that is only exactly sparse once c = 1: every evaluation also
     # measures Ŵ, the structured model an export ships, and its numbers lead
     loop = loop_config(a, structured=ramda)
 
     def run():
-        rows = train(acc, model, opt, task, loop, setup)
+        rows = train(acc, model, opt, task, loop, setup, hooks)
         inner = unwrap(opt)
         last = rows[-1] if rows else {}
         label, key = headline(last)
@@ -239,6 +373,14 @@ def main(argv=None):
         if key == "structured":
             summary.update(W=dict(ppl=last.get("valid_ppl_W"), wgs=last.get("wgs_W", 0.0)),
                            W_is_structured=last.get("W_is_structured"))
+        if hooks is not None:
+            kept = sum(t - z for z, t in summary["units"].values())
+            total = sum(t for _, t in summary["units"].values())
+            summary.update(method=a.method, target=a.target, target_of=a.target_of,
+                           units_kept=kept / total if total else None,
+                           support_frozen_at=hooks.frozen_at())
+            if a.target_of == "params" and hooks.recipe is not None:
+                summary["params_kept"] = hooks.recipe.kept_fraction
         if acc.is_main_process:
             print(json.dumps(summary))
             (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -241,3 +241,119 @@ def test_fsdp2_two_ranks_evaluate_the_structured_model(tmp_path):
     setup = rows(out)[0]
     assert setup["backend"] == "fsdp2" and setup["view"] == "FSDP2View" and setup["world_size"] == 2
     assert_both_models_reported(out, model, 3, 4, 700)
+
+
+# ---------------------------------------------------------------------------- size target
+TARGET = ["--units", "ffn", "--target", "0.5", "--target_ramp", "4", "--target_stable", "2",
+          "--target_max_identify", "6", "--lr", "1e-2", "--eval_tokens", "700", "--eval_every", "2"]
+
+
+def _kept(out):
+    s = json.loads((Path(out) / "summary.json").read_text())
+    return s, {n: t - z for n, (z, t) in s["units"].items()}
+
+
+def test_target_is_met_exactly_and_resume_is_bitwise_across_the_freeze(tmp_path):
+    """--target 0.5: the support is frozen on exactly half of the FFN units, W is then the
+    structured model (no W ≠ Ŵ), the freeze is logged and marked; a run resumed from a checkpoint
+    before the freeze ends bit for bit where the uninterrupted one does."""
+    from test_resume import assert_close, final_state
+
+    model = tiny_llama(tmp_path / "llama")
+    full = tmp_path / "full"
+    p = run([sys.executable, SCRIPT, "--model_path", model, *TARGET, "--steps", "10",
+             "--save_every", "3", "--keep_last", "5", "--output_dir", str(full)], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    s, kept = _kept(full)
+    assert s["units_kept"] == 0.5 and sum(kept.values()) == 64  # 2 layers × 64 neurons, half kept
+    assert s["W_is_structured"] is True and s["ppl"] == s["W"]["ppl"]
+    assert 4 <= s["support_frozen_at"] <= 6 and "support frozen at 0.5000" in p.stdout
+    frozen = [r for r in rows(full) if "support_frozen_at" in r]
+    assert len(frozen) == 1 and frozen[0]["step"] == s["support_frozen_at"]
+    assert rows(full)[0]["milestones"] == [] and rows(full)[0]["target"] == 0.5
+    assert "W ≠ Ŵ" not in p.stdout
+    # resume from step 3 (identification) to the end: bitwise the uninterrupted run
+    part = tmp_path / "part"
+    shutil.copytree(full / "checkpoints" / "step_00000003", part / "checkpoints" / "step_00000003")
+    (part / "checkpoints" / "latest").write_text("step_00000003")
+    p = run([sys.executable, SCRIPT, "--model_path", model, *TARGET, "--steps", "10",
+             "--save_every", "3", "--resume", "auto", "--output_dir", str(part)], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert_close(final_state(full, 10), final_state(part, 10), 0, "resumed across the freeze")
+    assert _kept(part)[1] == kept
+
+
+def test_prune_recover_baseline_keeps_the_target_and_holds_zeros(tmp_path):
+    """--method prune_recover: activation ranking at step 0, AdamW on the kept units; the pruned
+    units are exactly zero at the end, and a RAMDA run's allocation can be imposed."""
+    model = tiny_llama(tmp_path / "llama")
+    out = tmp_path / "pr"
+    p = run([sys.executable, SCRIPT, "--model_path", model, "--method", "prune_recover",
+             "--units", "ffn", "--target", "0.25", "--steps", "4", "--lr", "1e-3",
+             "--eval_tokens", "700", "--output_dir", str(out)], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    s, kept = _kept(out)
+    assert kept == {f"model.layers.{i}.mlp.down_proj.weight": 16 for i in range(2)}
+    assert s["support_frozen_at"] == 0 and rows(out)[0]["optimizer"] == "proxgen"
+    assert "prune_recover: kept 32 of 128 units" in p.stdout + p.stderr
+    alloc = tmp_path / "alloc.json"
+    alloc.write_text(json.dumps({"units": {"model.layers.0.mlp.down_proj.weight": [60, 64],
+                                           "model.layers.1.mlp.down_proj.weight": [36, 64]}}))
+    p = run([sys.executable, SCRIPT, "--model_path", model, "--method", "prune_recover",
+             "--prune_criterion", "weight", "--prune_allocation", str(alloc), "--units", "ffn",
+             "--target", "0.25", "--steps", "2", "--eval_tokens", "700",
+             "--output_dir", str(tmp_path / "pr2")], tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert _kept(tmp_path / "pr2")[1] == {"model.layers.0.mlp.down_proj.weight": 4,
+                                          "model.layers.1.mlp.down_proj.weight": 28}
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--target", "1.5"], "target must be a fraction kept"),
+    (["--target", "0.5", "--milestones", "3"], "leave --milestones at auto"),
+    (["--target", "0.5", "--optimizer", "proxgen"], "identifies units with RAMDA"),
+    (["--method", "prune_recover"], "needs --target"),
+    (["--method", "prune_recover", "--target", "0.5", "--prune_allocation", "nope.json"],
+     "prune_allocation must be"),
+    (["--target", "0.5", "--steps", "10", "--target_ramp", "8"], "not before --steps"),
+    (["--distill", "2"], "distill must be in [0, 1]")])
+def test_bad_compression_settings_fail_before_anything_is_written(tmp_path, capsys, args, msg):
+    model = tiny_llama(tmp_path / "llama")
+    with pytest.raises(SystemExit) as e:
+        finetune_llm.parse_args(["--model_path", model, "--output_dir", str(tmp_path / "o"), *args])
+    assert msg in str(e.value.code)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("launcher", ["zero2", "zero3", "fsdp2"])
+def test_target_under_sharding_equals_one_process(tmp_path, launcher):
+    """The recipe under ZeRO-2/3 and FSDP2 at 2 ranks: the critical values are completed across
+    shards, so the same units are kept and the support is frozen at the same step as in one
+    process; the shipped model's numbers agree (the distillation teacher is sharded too)."""
+    model = tiny_llama(tmp_path / "llama")
+    common = ["--model_path", model, *TARGET, "--steps", "8", "--distill", "0.5"]
+    one = tmp_path / "one"
+    p = run([sys.executable, SCRIPT, *common, "--batch_size", "4", "--output_dir", str(one)],
+            tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    port = str(free_port())
+    if launcher == "fsdp2":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+               "--master-port", port, SCRIPT, "--fsdp2"]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed",
+               "--zero_stage", launcher[-1], "--num_processes", "2", "--main_process_port", port,
+               SCRIPT]
+    two = tmp_path / "two"
+    p = run([*cmd, *common, "--batch_size", "2", "--output_dir", str(two)], tmp_path)
+    assert p.returncode == 0, p.stderr[-4000:]
+    setup = rows(two)[0]
+    assert setup["world_size"] == 2 and setup["distill"]["beta"] == 0.5
+    total = rows(one)[0]["distill"]["teacher_params_per_rank"]
+    if launcher in ("zero3", "fsdp2"):  # the teacher is sharded as the student
+        assert setup["distill"]["teacher_params_per_rank"] == -(-total // 2)
+    s1, k1 = _kept(one)
+    s2, k2 = _kept(two)
+    assert s1["support_frozen_at"] == s2["support_frozen_at"] and k1 == k2
+    assert s2["units_kept"] == 0.5
+    assert math.isclose(s1["ppl"], s2["ppl"], rel_tol=1e-4), (s1["ppl"], s2["ppl"])

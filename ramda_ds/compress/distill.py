@@ -23,3 +23,60 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         return kl
     ce = F.cross_entropy(student_logits.float().reshape(-1, V), targets.reshape(-1))
     return beta * kl + (1.0 - beta) * ce
+
+
+class DistillTask:
+    """A causal-LM task whose training loss distils ``teacher`` (evaluation is the task's own:
+    plain perplexity). Everything but :meth:`loss` is the wrapped task's."""
+
+    def __init__(self, task, teacher, beta: float = 1.0, temperature: float = 1.0):
+        self.task, self.teacher, self.beta, self.temperature = task, teacher, beta, temperature
+
+    def __getattr__(self, name):
+        return getattr(self.task, name)
+
+    def loss(self, model, batch):
+        x, y = batch
+        dev = self.task.acc.device
+        x, y = x.to(dev), y.to(dev)
+        logits = model(input_ids=x).logits
+        with torch.no_grad():
+            teacher_logits = self.teacher(input_ids=x).logits
+        return distill_loss(logits, teacher_logits, y, self.beta, self.temperature)
+
+
+def make_teacher(model, acc, precision: str, backend: str, blocks_of=None, load=None):
+    """A frozen copy of the starting model; returns (teacher, its parameters held per rank).
+
+    Replicated where the student's parameters are (single process, DDP, ZeRO-1/2); sharded by
+    FSDP2 (``fully_shard`` per block and the root, on the run's process group) where the
+    student's are sharded (FSDP2, ZeRO-3), so a rank holds 1/N of it between forwards. A student
+    that ZeRO-3 partitioned as it loaded cannot be copied: ``load()`` reads the model again,
+    outside DeepSpeed's partitioning context."""
+    import copy
+
+    if any(getattr(p, "ds_numel", p.numel()) != p.numel() for p in model.parameters()):
+        from transformers.integrations import deepspeed as hf_ds
+
+        saved = hf_ds._hf_deepspeed_config_weak_ref  # from_pretrained partitions while it is set
+        hf_ds.unset_hf_deepspeed_config()
+        try:
+            teacher = load().eval()
+        finally:
+            hf_ds._hf_deepspeed_config_weak_ref = saved
+    else:
+        teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    total = sum(p.numel() for p in teacher.parameters())
+    if precision == "bf16":
+        teacher = teacher.to(torch.bfloat16)
+    teacher = teacher.to(acc.device)
+    if backend in ("fsdp2", "deepspeed-zero3") and acc.num_processes > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in (blocks_of(teacher) if blocks_of else []):
+            fully_shard(block)
+        fully_shard(teacher)
+        return teacher, -(-total // acc.num_processes)
+    return teacher, total

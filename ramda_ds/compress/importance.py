@@ -24,12 +24,13 @@ CRITERIA = ("weight", "activation")
 
 
 def _unit_tensors(model, rules: dict[str, str]):
-    """(param name, module, rule) for every targeted Linear (``down_proj`` / ``o_proj``)."""
-    modules = dict(model.named_modules())
-    for name, _ in model.named_parameters():
+    """(param name, module, rule) for every targeted Linear (``down_proj`` / ``o_proj``); names
+    as the optimizer knows them (a wrapper's ``module.`` prefix dropped)."""
+    for mod_name, mod in model.named_modules():
+        name = f"{mod_name}.weight"
         for pat, rule in rules.items():
-            if fnmatch(name, pat) and name.endswith(".weight"):
-                yield name, modules[name[: -len(".weight")]], rule
+            if fnmatch(name, pat) and isinstance(getattr(mod, "weight", None), torch.Tensor):
+                yield name.removeprefix("module."), mod, rule
 
 
 def _block(rule: str) -> int:
@@ -48,8 +49,9 @@ def weight_scores(model, rules: dict[str, str]) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def activation_scores(model, rules: dict[str, str], batches) -> dict[str, torch.Tensor]:
-    """Mean unit activation magnitude over the tokens of ``batches`` (input ids tensors)."""
+def activation_scores(model, rules: dict[str, str], batches, reduce=None) -> dict[str, torch.Tensor]:
+    """Mean unit activation magnitude over the tokens of ``batches`` (input ids tensors).
+    ``reduce(tensor)``: sums it over ranks in place (each rank passes its own batches)."""
     sums, count, hooks = {}, {"n": 0}, []
     for name, mod, rule in _unit_tensors(model, rules):
         d = _block(rule)
@@ -57,7 +59,7 @@ def activation_scores(model, rules: dict[str, str], batches) -> dict[str, torch.
         def hook(m, args, name=name, d=d):
             x = args[0].detach().double()
             x = x.reshape(-1, x.shape[-1] // d, d).norm(dim=2)  # [tokens, units]
-            sums[name] = sums.get(name, 0) + x.sum(0)
+            sums[name] = sums.get(name, 0) + x.sum(0).cpu()
         hooks.append(mod.register_forward_pre_hook(hook))
     was = model.training
     model.eval()
@@ -69,7 +71,16 @@ def activation_scores(model, rules: dict[str, str], batches) -> dict[str, torch.
         for h in hooks:
             h.remove()
         model.train(was)
-    return {n: s / max(count["n"], 1) for n, s in sums.items()}
+    names = sorted(sums)
+    flat = torch.cat([sums[n] for n in names] + [torch.tensor([float(count["n"])],
+                                                              dtype=torch.float64)])
+    if reduce is not None:
+        flat = reduce(flat)
+    out, off = {}, 0
+    for n in names:
+        out[n] = flat[off:off + sums[n].numel()].cpu() / max(flat[-1].item(), 1)
+        off += sums[n].numel()
+    return out
 
 
 def keep_top(scores: dict[str, torch.Tensor], keep: float | None = None,

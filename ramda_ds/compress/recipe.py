@@ -185,11 +185,12 @@ class TargetRecipe:
 
     @torch.no_grad()
     def _structured_is_w(self) -> None:
-        """Ŵ := W after a recovery step: W is exactly zero on the removed units and is the model
-        the run ships (Ŵ, the dual-averaging point, is not averaged)."""
+        """Ŵ := W, for every tensor, after a recovery step: W is exactly zero on the removed
+        units and is the model the run ships (W is the average; Ŵ = W0 − V/P there is MADGRAD's
+        dual point z, which is not)."""
         view = self.opt.view
         for p, st in self.opt.state.items():
-            if "structured" in st and "support" in st:
+            if "structured" in st:
                 view.local(st["structured"]).view(-1).copy_(
                     view.local(p.detach()).reshape(-1).to(st["structured"].dtype))
 

@@ -171,8 +171,13 @@ def _resume(acc, ramda, task: Task, cfg: LoopConfig, ckpt: RunCheckpointer):
     return step, position, loaded, ckpt.set_aside_after(step)
 
 
-def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict) -> list[dict]:
-    """Run to ``cfg.steps`` optimizer steps (or until SIGTERM); returns the logged rows."""
+def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict, hooks=None) -> list[dict]:
+    """Run to ``cfg.steps`` optimizer steps (or until SIGTERM); returns the logged rows.
+
+    ``hooks`` (:class:`ramda_ds.compress.run.CompressionHooks`): ``on_start`` once the start
+    step is known (with its saved state on a resume), ``after_step`` after every optimizer step
+    (its fields go into the evaluation rows; the support freeze is logged and marked on the
+    plots), ``state_dict`` into every checkpoint's metadata."""
     ramda = unwrap(opt)
     ckpt = RunCheckpointer(checkpoint_root(cfg.output_dir), cfg.keep_last) if ramda else None
     if cfg.resume and ckpt is None:
@@ -201,7 +206,10 @@ def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict) -> list[dic
                     f"on {c['tensors']} tensors (e.g. {c['first']}) from step {step} on")
     log.setup(dict(setup, event="resume" if step else "setup", step_start=step,
                    **(dict(hparam_changes=changes) if changes else {})))
+    if hooks is not None:
+        hooks.on_start(loaded.meta.get("compress") if loaded else None, step, log.message)
     preempt = Preemption() if ckpt else None
+    recipe_row: dict = {}
     rows, tokens, train_time, start = [], 0, 0.0, step
     batches = task.batches(position)
 
@@ -241,8 +249,14 @@ def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict) -> list[dic
                     tokens += batch[1].numel() * acc.num_processes
             except FloatingPointError as e:  # raised on every rank (the optimizer agrees on it)
                 stop_diverged(step + 1, str(e).rstrip("."), dict(error="non-finite gradient"), True)
-            train_time += time.perf_counter() - t0
             step += 1
+            if hooks is not None:
+                recipe_row = hooks.after_step(step)
+                if recipe_row.get("stage") == "freeze":
+                    log.log(dict(step=step, support_frozen_at=step, **recipe_row))
+                    log.message(f"step {step}: support frozen at {recipe_row['kept_fraction']:.4f}"
+                                " kept; the kept units now train with λ = 0 (recovery)")
+            train_time += time.perf_counter() - t0
             log.advance()
             # SIGTERM: save right away (the launcher kills after TORCH_ELASTIC_SHUTDOWN_TIMEOUT)
             stop, mean_loss = step_boundary(acc, preempt, losses)
@@ -250,7 +264,7 @@ def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict) -> list[dic
                 stop_diverged(step, f"mean training loss {mean_loss:g}", dict(loss=mean_loss), True)
             if not stop and (step % cfg.eval_every == 0 or step == cfg.steps):
                 structured = cfg.structured and ramda is not None
-                row = dict(step=step, loss=mean_loss,
+                row = dict(step=step, loss=mean_loss, **recipe_row,
                            **evaluate(model, ramda, task, structured),
                            **structure_metrics(ramda, structured),
                            tokens_per_s=round(tokens / train_time, 1))
@@ -265,6 +279,8 @@ def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict) -> list[dic
                         ("valid_ppl_W", "ppl(W)", 2), ("wgs_W", "wgs(W)", 3)) if k in row))
             if ckpt and (stop or step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0)):
                 meta = dict(task.meta(), grad_accum=cfg.grad_accum, position=position)
+                if hooks is not None:
+                    meta["compress"] = hooks.state_dict()
                 try:
                     where = ckpt.save(step, ramda, meta, {**rng_state(), **task.carry()})
                 except CheckpointError as e:

@@ -163,12 +163,17 @@ def _run_info(rows) -> tuple[str, list[int]]:
         parts.append(Path(str(setup["model"])).name or str(setup["model"]))
     if setup.get("backend"):
         parts.append(f"{setup['backend']} × {setup.get('world_size', 1)}")
-    return "  ·  ".join(p for p in parts if p), [int(m) for m in setup.get("milestones", ())]
+    frozen = [int(r["support_frozen_at"]) for r in rows if "support_frozen_at" in r]
+    return "  ·  ".join(p for p in parts if p), [int(m) for m in setup.get("milestones", ())] + \
+        [-m for m in frozen[-1:]]  # negative: the support freeze (its own line style)
 
 
 def _mark_restarts(ax, milestones, label=True) -> None:
-    for i, m in enumerate(milestones):
+    """Dashed: the restarts; dotted red: the support freeze of a size target (a restart too)."""
+    for i, m in enumerate(m for m in milestones if m > 0):
         ax.axvline(m, color="0.4", ls="--", lw=0.8, label="restart" if label and i == 0 else None)
+    for m in (m for m in milestones if m < 0):
+        ax.axvline(-m, color="tab:red", ls=":", lw=1.2, label="support frozen" if label else None)
 
 
 PANELS = (("loss", "training loss", "loss (nats/token)", (("loss", "train"),)),
@@ -254,9 +259,9 @@ def write_units_plot(metrics_path, png_path) -> None:
                   fontsize=7 if len(names) > 20 else 9)
     every = max(1, math.ceil(len(steps) / 8))
     ax.set_xticks(range(0, len(steps), every), [str(s) for s in steps[::every]])
-    for m in milestones:  # between the evaluations around the restart
-        pos = sum(s <= m for s in steps) - 0.5
-        ax.axvline(pos, color="w", ls="--", lw=1)
+    for m in milestones:  # between the evaluations around the restart (< 0: the support freeze)
+        pos = sum(s <= abs(m) for s in steps) - 0.5
+        ax.axvline(pos, color="w" if m > 0 else "tab:red", ls="--" if m > 0 else ":", lw=1)
     ax.set(xlabel="optimizer step (evaluations; dashed: restart)", ylabel="tensor",
            title=f"units kept per tensor, {which}" + (f"\n{title}" if title else ""))
     fig.colorbar(im, ax=ax, label="fraction of units kept")
