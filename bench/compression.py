@@ -217,7 +217,10 @@ class Bench:
             opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
             self.train(model, opt, seed, kd)
         elif method == "dense_ramda":
-            opt = RAMDA(model.parameters(), lr=lr, c=self.a.c0)
+            R = self.a.restart_every
+            opt = RAMDA(model.parameters(), lr=lr, c=self.a.c0, gamma=self.a.gamma,
+                        milestones=tuple(range(R, self.a.steps, R)) if R else (),
+                        final_stage_ramp=False)
             self.train(model, opt, seed, kd)
         elif method in ("weight", "activation"):
             allocation = None
@@ -240,7 +243,8 @@ class Bench:
             cfg = TargetConfig(target=size, ramp=int(self.a.ramp * self.a.steps),
                                stable=self.a.stable, max_identify=int(self.a.max_identify *
                                                                       self.a.steps),
-                               recover_lr_scale=self.a.recover_lr_scale)
+                               recover_lr_scale=self.a.recover_lr_scale,
+                               recover_restart_every=self.a.restart_every, steps=self.a.steps)
             cfg.check(self.a.steps)
             recipe = TargetRecipe(opt, cfg)
             self.train(model, opt, seed, kd, recipe.after_step)
@@ -356,6 +360,8 @@ def main(argv=None):
     p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="AdamW lrs (baselines, dense)")
     p.add_argument("--ramda_lrs", default="3e-4,1e-3,3e-3", help="RAMDA lrs (recipe, dense)")
     p.add_argument("--c0", type=float, default=0.1)
+    p.add_argument("--restart_every", type=int, default=0, help="RAMDA restarts (dense, recovery)")
+    p.add_argument("--gamma", type=float, default=1.0, help="lr decay at RAMDA's restarts")
     p.add_argument("--ramp", type=float, default=0.3, help="identification ramp, fraction of steps")
     p.add_argument("--stable", type=int, default=10)
     p.add_argument("--max_identify", type=float, default=0.5, help="fraction of steps")
@@ -387,8 +393,9 @@ def main(argv=None):
 
     def want(m):
         return only is None or m in only
-    if want("dense"):
+    if want("dense") or want("dense_adamw"):
         b.tuned("dense_adamw", lrs, seeds)
+    if want("dense") or want("dense_ramda"):
         b.tuned("dense_ramda", rlrs, seeds)
     for size in sizes:
         for kd in (False, True):

@@ -69,14 +69,17 @@ class FinetuneArgs:
     target_of: str = field(default="units", metadata={"help": "units | params"})
     target_ramp: int = field(default=0, metadata={
         "help": "steps over which the kept fraction goes from 1 to --target; 0: 30%% of --steps"})
-    target_stable: int = field(default=10, metadata={
-        "help": "steps the kept set must stay unchanged before the support is frozen"})
+    target_stable: int = field(default=0, metadata={
+        "help": "steps in a row the kept set must stay settled (≤ 1%% of units changing per "
+                "step) before the support is frozen; 0: 3%% of --steps"})
     target_max_identify: int = field(default=0, metadata={
         "help": "freeze the support by this step at the latest; 0: ramp + 2·stable"})
     target_floor: float = field(default=0.0, metadata={
         "help": "each tensor keeps at least this fraction of its units"})
     recover_lr_scale: float = field(default=1.0, metadata={
-        "help": "lr and ε of the recovery stage relative to identification"})
+        "help": "γ of the recovery: lr and ε × γ at the freeze and at each recovery restart"})
+    recover_restart_every: int = field(default=0, metadata={
+        "help": "restart RAMDA every N steps of the recovery (V, U ← 0, W0 ← W); 0: never"})
     method: str = field(default="ramda", metadata={
         "help": "ramda | prune_recover (the baseline: rank units by --prune_criterion at step 0, "
                 "prune to --target, recover with AdamW on the kept units)"})
@@ -174,7 +177,6 @@ def validate(a: FinetuneArgs) -> None:
 
 def validate_compression(a: FinetuneArgs) -> None:
     """--target / --method / --distill checked and resolved (before anything starts)."""
-    from ramda_ds.compress.recipe import TargetConfig, resolve_ramp
     from ramda_ds.compress.run import METHODS, read_allocation
 
     if a.method not in METHODS:
@@ -211,7 +213,7 @@ def validate_compression(a: FinetuneArgs) -> None:
         cfg.check(a.steps if a.method == "ramda" else None)
     except ValueError as e:
         raise SystemExit(str(e)) from None
-    a.target_ramp = resolve_ramp(cfg, a.steps).ramp
+    a.target_ramp, a.target_stable = cfg.ramp, cfg.stable
 
 
 def target_config(a: FinetuneArgs, total_params: int):
@@ -220,7 +222,8 @@ def target_config(a: FinetuneArgs, total_params: int):
     return resolve_ramp(TargetConfig(
         target=a.target, of=a.target_of, ramp=a.target_ramp, stable=a.target_stable,
         max_identify=a.target_max_identify, floor=a.target_floor,
-        recover_lr_scale=a.recover_lr_scale, total_params=total_params), a.steps)
+        recover_lr_scale=a.recover_lr_scale, recover_restart_every=a.recover_restart_every,
+        total_params=total_params), a.steps)
 
 
 def checkpoint_tokenizer(a: FinetuneArgs):

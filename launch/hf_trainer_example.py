@@ -34,6 +34,8 @@ class Args:
     momentum: float = 0.1  # the paper's c; 1: W = Ŵ, exactly sparse at every step
     backend: str = "torch"  # RAMDA's step kernels: torch | auto | native | triton (README: Fast step)
     block_size: int = 64
+    target: float = 0.0  # fraction of the units kept, met in this run (docs/compression.md); 0: off
+    distill: float = 0.0  # β of the distillation from the starting model; 0: off
 
 
 def main():
@@ -50,7 +52,8 @@ def main():
     data = [dict(input_ids=b, labels=b) for b in blocks]
     trainer = RamdaTrainer(model=model, args=targs, train_dataset=data,
                            data_collator=default_data_collator,
-                           ramda=RamdaConfig(lam=a.lam, momentum=a.momentum, backend=a.backend))
+                           ramda=RamdaConfig(lam=a.lam, momentum=a.momentum, backend=a.backend,
+                                             target=a.target, distill=a.distill))
     trainer.train(resume_from_checkpoint=targs.resume_from_checkpoint)
     trainer.save_model()
     trainer.accelerator.wait_for_everyone()  # every rank is done before any process ends

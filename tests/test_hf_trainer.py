@@ -84,7 +84,16 @@ class Runs:
                                      "--main_process_port", str(free_port()), EXAMPLE,
                                      "--ddp_backend", "gloo", "--per_device_train_batch_size", "2",
                                      "--resume_from_checkpoint", "zero3/checkpoint-2"],
+        # a size target with distillation: 1 process and ZeRO-3 at 2 ranks (the teacher sharded)
+        "target": lambda: [sys.executable, EXAMPLE, "--use_cpu", "--per_device_train_batch_size",
+                           "4", "--target", "0.5", "--distill", "0.5"],
+        "target_zero3": lambda: [*ACCELERATE, "--use_deepspeed", "--zero_stage", "3",
+                                 "--zero3_save_16bit_model", "true",
+                                 "--num_processes", "2", "--main_process_port", str(free_port()),
+                                 EXAMPLE, "--ddp_backend", "gloo", "--per_device_train_batch_size",
+                                 "2", "--target", "0.5", "--distill", "0.5"],
     }
+    AFTER = {"target": ["--max_steps", "6"], "target_zero3": ["--max_steps", "6"]}  # over COMMON's
     NEEDS = {"resumed": "ref", "fsdp2_from_zero3": "zero3"}
 
     def __init__(self, d: Path):
@@ -95,7 +104,7 @@ class Runs:
             if name in self.NEEDS:
                 self.get(self.NEEDS[name])
             cmd = [*self.LAUNCH[name](), "--model_path", "llama", "--train_file", "train.txt",
-                   *COMMON, "--output_dir", name]
+                   *COMMON, *self.AFTER.get(name, []), "--output_dir", name]
             p = run(cmd, self.d)
             assert p.returncode == 0, p.stderr[-4000:]
             self.done.add(name)
@@ -330,3 +339,23 @@ def test_trl_sft_trainer_with_the_mixin(runs):
     assert (d / "sft" / "checkpoint-2" / "ramda_ds_optim" / "COMPLETE").exists()
     last = train_rows(d / "sft", 2)[-1]
     assert last["wgs"] > 0 and "units_kept/model.layers.0.mlp.down_proj.weight" in last
+
+
+def test_size_target_with_distillation_in_the_trainer(runs):
+    """RamdaConfig(target=0.5, distill=0.5): the support is frozen on exactly half the units by
+    the last step, logged units say so, the checkpoint carries the recipe's state, and ZeRO-3 at
+    2 ranks (its teacher sharded by FSDP2) keeps the same units as one process."""
+    import json
+
+    one, two = runs.get("target"), runs.get("target_zero3")
+    for out in (one, two):
+        meta = json.loads((out / "checkpoint-6" / "ramda_ds_trainer.json").read_text())
+        assert meta["compress"]["frozen_at"] is not None and meta["ramda"]["target"] == 0.5
+        last = train_rows(out, 6)[-1]
+        kept = {k: v for k, v in last.items() if k.startswith("units_kept/")}
+        assert sum(v for k, v in kept.items() if "down_proj" in k) == 64  # of 2 × 64 neurons
+        assert sum(v for k, v in kept.items() if "o_proj" in k) == 4  # of 2 × 4 heads
+    assert json.loads((one / "checkpoint-6" / "ramda_ds_trainer.json").read_text())["compress"][
+        "frozen_at"] == json.loads((two / "checkpoint-6" / "ramda_ds_trainer.json").read_text())[
+        "compress"]["frozen_at"]
+    assert zero_units(weights(one)) == zero_units(weights(two))

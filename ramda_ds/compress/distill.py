@@ -25,6 +25,18 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return beta * kl + (1.0 - beta) * ce
 
 
+def causal_lm_distill_loss(outputs, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                           beta: float, temperature: float = 1.0) -> torch.Tensor:
+    """The HF form: β·T²·KL on the positions that have a label (``labels != -100``, shifted as
+    the model shifts them) + (1 − β)·the model's own loss."""
+    s = outputs.logits[:, :-1].float() / temperature
+    t = teacher_logits[:, :-1].float() / temperature
+    keep = labels[:, 1:] != -100
+    kl = F.kl_div(F.log_softmax(s[keep], -1), F.log_softmax(t[keep], -1), log_target=True,
+                  reduction="batchmean") * temperature ** 2
+    return kl if beta >= 1.0 else beta * kl + (1.0 - beta) * outputs.loss
+
+
 class DistillTask:
     """A causal-LM task whose training loss distils ``teacher`` (evaluation is the task's own:
     plain perplexity). Everything but :meth:`loss` is the wrapped task's."""

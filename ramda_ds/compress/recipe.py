@@ -7,9 +7,10 @@ scheduled fraction k_t (:func:`.target.keep_schedule`, from 1 down to the target
 steps). λ is thus a multiplier adjusted toward the target; how many units each layer keeps is
 left to the ranking.
 
-Stage 2, *recovery*: once the schedule has reached the target and Ŵ's kept set has not changed
-for ``stable`` steps (at the latest after ``max_identify`` steps), the support is frozen on the
-exact target (the top units by r_g, with the per-tensor ``floor``), removed units are zeroed in W
+Stage 2, *recovery*: once the schedule has reached the target and Ŵ's kept set has settled for
+``stable`` steps in a row (at most ``churn``, 1%, of the units changing per step: at the margin
+the quantile's units trade places), or at the latest after ``max_identify`` steps, the support is
+frozen on the exact target (the top units by r_g, with the per-tensor ``floor``), removed units are zeroed in W
 and held at zero (:mod:`.support`), the optimizer restarts from that W (a restart stage: V, U, α
 zeroed, W0 ← W, lr and ε scaled by ``recover_lr_scale``) and λ is 0: the kept units train without
 shrinkage. From then on the structured model is W itself (exactly zero on the removed units), and
@@ -36,12 +37,15 @@ TARGET_OF = ("units", "params")
 @dataclass
 class TargetConfig:
     target: float  # fraction kept, in (0, 1]
-    of: str = "units"  # units: each unit counts 1; params: the model's parameters
+    of: str = "units"  # units: each unit kind (FFN neurons, heads) keeps the fraction; params
     ramp: int = 0  # steps of the cubic schedule; 0: 30% of the run's steps (set by the caller)
-    stable: int = 10  # steps Ŵ's kept set must stay unchanged before the freeze
+    stable: int = 0  # steps in a row Ŵ's kept set must stay settled first; 0: 3% of the steps
+    churn: float = 0.01  # settled: at most this fraction of the units changed since the step before
     max_identify: int = 0  # freeze at this step at the latest; 0: ramp + 2·stable
     floor: float = 0.0  # each tensor keeps at least this fraction of its units
-    recover_lr_scale: float = 1.0  # lr and ε of the recovery stage, relative to identification
+    recover_lr_scale: float = 1.0  # γ: lr and ε × this at the freeze and each recovery restart
+    recover_restart_every: int = 0  # restart RAMDA every N steps of the recovery (γ = 1); 0: never
+    steps: int = 0  # the run's length (for the recovery's restarts)
     total_params: int = 0  # the model's parameter count (of="params")
 
     def check(self, steps: int | None = None) -> None:
@@ -52,8 +56,8 @@ class TargetConfig:
             raise ValueError(f"target_of must be one of {TARGET_OF}, got {self.of!r}")
         if not 0 <= self.floor <= self.target:
             raise ValueError(f"target_floor must be in [0, target={self.target}], got {self.floor}")
-        if self.ramp < 0 or self.stable < 1 or self.max_identify < 0:
-            raise ValueError("target_ramp and target_max_identify must be >= 0, target_stable >= 1")
+        if self.ramp < 0 or self.stable < 0 or self.max_identify < 0:
+            raise ValueError("target_ramp, target_stable and target_max_identify must be >= 0")
         if not 0 < self.recover_lr_scale <= 1:
             raise ValueError(f"recover_lr_scale must be in (0, 1], got {self.recover_lr_scale}")
         if self.of == "params" and self.total_params <= 0:
@@ -117,10 +121,10 @@ class TargetRecipe:
         self.opt, self.cfg = optimizer, cfg
         if not self.groups:
             raise ValueError("a size target needs group-lasso param groups marked target=True")
-        self.lam = 0.0
+        self.lams: dict[str, float] = {}  # λ per ranked part (see _partitions)
         self.frozen_at: int | None = None
-        self.same_for = 0
-        self.last_kept: str | None = None  # digest of Ŵ's kept set at the last step
+        self.same_for = 0  # steps in a row whose kept set changed by at most ``churn`` of the units
+        self.last_kept: torch.Tensor | None = None  # Ŵ's kept set at the last step
         self.kept_fraction = 1.0
         for g in self.groups:
             g["lam"] = 0.0  # step 1: nothing to rank yet
@@ -139,48 +143,70 @@ class TargetRecipe:
             return dict(stage="recover", lam=0.0)
         scores = critical_values(self.opt)
         costs = self._costs(scores)
-        fixed = self._fixed(costs)
         ramp_done = step >= self.cfg.ramp
         keep = keep_schedule(step, self.cfg.target, self.cfg.ramp)
-        # Ŵ's kept set at this step (λ of this step): stable for ``stable`` steps → freeze
-        now = _digest(torch.cat([s > self.lam for s in scores.values()])) if self.lam > 0 else None
-        self.same_for = self.same_for + 1 if now is not None and now == self.last_kept else 0
+        parts = self._partitions(scores)
+        # Ŵ's kept set at this step (each part at its λ of this step): settled → freeze
+        now = torch.cat([scores[n] > self.lams.get(k, 0.0) for k, _, names in parts
+                         for n in names]) if any(self.lams.values()) else None
+        settled = now is not None and self.last_kept is not None and \
+            int((now ^ self.last_kept).sum()) <= self.cfg.churn * now.numel()
+        self.same_for = self.same_for + 1 if settled else 0
         self.last_kept = now
-        kept_cost = sum(float(costs[n][scores[n] > self.lam].sum()) for n in scores)
-        self.kept_fraction = (fixed + kept_cost) / (fixed + sum(float(c.sum()) for c in
-                                                               costs.values()))
+        self.kept_fraction = self._fraction({n: scores[n] > self.lams.get(k, 0.0)
+                                             for k, _, names in parts for n in names}, costs)
         if ramp_done and (self.same_for >= self.cfg.stable or step >= self.cfg.freeze_by()):
-            _, kept = select(scores, costs, self.cfg.target, self.cfg.floor, fixed)
+            kept = {}
+            for _, _, names in parts:
+                sub = {n: scores[n] for n in names}
+                subc = {n: costs[n] for n in names}
+                kept.update(select(sub, subc, self.cfg.target, self.cfg.floor,
+                                   self._fixed(costs))[1])
             self.freeze(step, kept)
             return dict(stage="freeze", lam=0.0, kept_fraction=self.kept_fraction)
-        lam, _ = select(scores, costs, keep, 0.0, fixed)
-        self.lam = lam
-        for g in self.groups:
-            g["lam"] = lam
-        return dict(stage="identify", lam=lam, keep_scheduled=keep,
+        for k, groups, names in parts:
+            lam, _ = select({n: scores[n] for n in names}, {n: costs[n] for n in names}, keep,
+                            0.0, self._fixed(costs))
+            self.lams[k] = lam
+            for g in groups:
+                g["lam"] = lam
+        return dict(stage="identify", lam=max(self.lams.values()), keep_scheduled=keep,
                     kept_fraction=self.kept_fraction)
+
+    def _partitions(self, scores) -> list[tuple[str, list[dict], list[str]]]:
+        """(key, param groups, tensor names) ranked together: every targeted param group (a unit
+        kind: FFN neurons, heads) on its own for a units target, all together for params."""
+        groups = self.groups
+        if self.cfg.of == "params":
+            return [("all", groups, list(scores))]
+        return [(str(i), [g], [n for n in g["param_names"] if n in scores])
+                for i, g in enumerate(groups)]
+
+    def _fraction(self, kept: dict, costs: dict) -> float:
+        fixed = self._fixed(costs)
+        kc = sum(float(costs[n][kept[n]].sum()) for n in kept)
+        return (fixed + kc) / (fixed + sum(float(c.sum()) for c in costs.values()))
 
     def freeze(self, step: int, kept: dict[str, torch.Tensor]) -> None:
         """Freeze ``kept``, restart from the masked W, λ = 0 and a recovery stage from ``step``."""
         freeze_support(self.opt, kept, restart=True)
-        self.frozen_at, self.lam = step, 0.0
+        self.frozen_at, self.lams = step, {}
         self._enter_recovery()
-        costs = self._costs(kept)
-        fixed = self._fixed(costs)
-        kc = sum(float(costs[n][kept[n]].sum()) for n in kept)
-        self.kept_fraction = (fixed + kc) / (fixed + sum(float(c.sum()) for c in costs.values()))
+        self.kept_fraction = self._fraction(kept, self._costs(kept))
         self._structured_is_w()
 
     def _enter_recovery(self) -> None:
         """Every group enters one new stage at the freeze step (freeze_support restarted every
         tensor): a milestone there, lr and ε scaled by ``recover_lr_scale``, c constant."""
         targeted = {id(g) for g in self.groups}
+        R, m0 = self.cfg.recover_restart_every, self.frozen_at
+        again = tuple(range(m0 + R, self.cfg.steps, R)) if R and self.cfg.steps else ()
         for g in self.opt.param_groups:
             if id(g) in targeted:
                 g["lam"] = 0.0
-            g["milestones"] = tuple(m for m in g["milestones"] if m < self.frozen_at) + \
-                ((self.frozen_at,) if self.frozen_at > 0 else ())
-            g["gamma"] = self.cfg.recover_lr_scale
+            g["milestones"] = tuple(m for m in g["milestones"] if m < m0) + \
+                ((m0,) if m0 > 0 else ()) + again
+            g["gamma"] = self.cfg.recover_lr_scale  # at the freeze and at every later restart
             g["final_stage_ramp"] = False  # c stays c0: W, the average, is the model
 
     @torch.no_grad()
@@ -220,28 +246,48 @@ class TargetRecipe:
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict:
-        return dict(lam=self.lam, frozen_at=self.frozen_at, same_for=self.same_for,
-                    last_kept=self.last_kept, kept_fraction=self.kept_fraction,
+        return dict(lams=self.lams, frozen_at=self.frozen_at, same_for=self.same_for,
+                    last_kept=None if self.last_kept is None else _pack(self.last_kept),
+                    kept_fraction=self.kept_fraction,
                     config=asdict(self.cfg))
 
     def load_state_dict(self, d: dict) -> None:
-        self.lam, self.frozen_at = d["lam"], d["frozen_at"]
-        self.same_for, self.last_kept = d["same_for"], d["last_kept"]
+        self.lams, self.frozen_at = dict(d["lams"]), d["frozen_at"]
+        self.same_for = d["same_for"]
+        self.last_kept = None if d["last_kept"] is None else _unpack(d["last_kept"])
         self.kept_fraction = d["kept_fraction"]
-        for g in self.groups:
-            g["lam"] = self.lam
+        for k, groups, _ in self._partitions({n: None for g in self.groups
+                                               for n in g["param_names"]}):
+            for g in groups:
+                g["lam"] = self.lams.get(k, 0.0)
         if self.frozen_at is not None:
             self._enter_recovery()
 
 
-def _digest(mask: torch.Tensor) -> str:
-    import hashlib
+def _pack(mask: torch.Tensor) -> list:
+    """A bool vector as JSON: [length, base64 of its packed bits]."""
+    import base64
 
-    return hashlib.sha1(mask.numpy().tobytes()).hexdigest()
+    import numpy as np
+
+    return [mask.numel(), base64.b64encode(np.packbits(mask.numpy()).tobytes()).decode()]
+
+
+def _unpack(packed: list) -> torch.Tensor:
+    import base64
+
+    import numpy as np
+
+    n, text = packed
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))[:n]
+    return torch.from_numpy(bits.astype(bool))
 
 
 def resolve_ramp(cfg: TargetConfig, steps: int) -> TargetConfig:
-    """``ramp = 0`` → 30% of ``steps``."""
+    """The automatic lengths: ``ramp = 0`` → 30% of ``steps``, ``stable = 0`` → 3% (≥ 1)."""
+    cfg.steps = steps
     if cfg.ramp == 0:
         cfg.ramp = max(1, math.ceil(0.3 * steps))
+    if cfg.stable == 0:
+        cfg.stable = max(1, round(0.03 * steps))
     return cfg

@@ -65,6 +65,18 @@ class RamdaConfig:
     solver: str = "pg"
     backend: str = "torch"  # RAMDA's step kernels: torch | auto | native | triton (see README)
     log_units: bool = True  # per-tensor units kept in every training log row
+    # a size target (docs/compression.md): fraction of the units (or parameters) kept, met in one
+    # run; λ is then set per step (``lam`` is ignored) and the kept units recover with λ = 0
+    target: float = 0.0
+    target_of: str = "units"
+    target_ramp: int = 0  # 0: 30% of max_steps
+    target_stable: int = 0  # 0: 3% of max_steps
+    target_max_identify: int = 0
+    target_floor: float = 0.0
+    recover_lr_scale: float = 1.0
+    recover_restart_every: int = 0
+    distill: float = 0.0  # β of β·T²·KL(teacher‖student) + (1−β)·loss; the teacher: the start model
+    distill_temperature: float = 1.0
 
 
 class RamdaMixin:
@@ -81,11 +93,46 @@ class RamdaMixin:
             raise ValueError(f"ramda.optimizer must be one of {OPTIMIZERS}, got "
                              f"{self.ramda.optimizer!r}")
         self.ramda_view, self._partitioned_at_load = None, 0
+        self.ramda_hooks, self.ramda_teacher = None, None
         targs = kwargs.get("args", args[1] if len(args) > 1 else None)
         if targs is not None:
             refuse_unsupported(targs)  # before the Trainer creates anything
+        check_compression(self.ramda)
         super().__init__(*args, **kwargs)
         refuse_fsdp1(self)
+        if self.ramda.distill:
+            self.ramda_teacher = self._make_teacher()
+        if self.ramda.target:
+            self.add_callback(_RecipeCallback(self))
+
+    def _make_teacher(self):
+        """The starting model, frozen, sharded by FSDP2 where the student is sharded."""
+        from transformers import AutoModelForCausalLM
+
+        from ..compress.distill import make_teacher
+
+        plugin = getattr(self.args, "deepspeed_plugin", None)
+        kind = ("fsdp2" if has_dtensors(self.model) or self.is_fsdp_enabled else
+                f"deepspeed-zero{plugin.zero_stage}" if plugin is not None else "ddp")
+        path = getattr(self.model.config, "_name_or_path", "")
+        teacher, held = make_teacher(
+            self.model, self.accelerator, "no", kind, blocks_of=_blocks,
+            load=lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
+        self.ramda_teacher_params = held
+        return teacher
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.ramda_teacher is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from ..compress.distill import causal_lm_distill_loss
+
+        outputs = model(**inputs)
+        with torch.no_grad():
+            t = self.ramda_teacher(input_ids=inputs["input_ids"],
+                                   attention_mask=inputs.get("attention_mask")).logits
+        loss = causal_lm_distill_loss(outputs, t, inputs["labels"], self.ramda.distill,
+                                      self.ramda.distill_temperature)
+        return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------ optimizer and view
     def create_optimizer(self, model=None):
@@ -98,8 +145,8 @@ class RamdaMixin:
                                 momentum=r.momentum, solver=r.solver, backend=r.backend,
                                 milestones=",".join(map(str, r.milestones)))
             self._partitioned_at_load = sum(hasattr(p, "ds_shape") for p in model.parameters())
-            self.optimizer = make_optimizer(
-                a, model, lambda m: unit_param_groups(m, r.lam, r.units, r.groups),
+            self.optimizer = make_optimizer(a, model, lambda m: target_groups(
+                unit_param_groups(m, 1.0 if r.target else r.lam, r.units, r.groups), r.target),
                 keep_structured=r.optimizer == "ramda")
             self.ramda_view = None
         return self.optimizer
@@ -109,6 +156,8 @@ class RamdaMixin:
         # the view is attached instead
         model, dl = super()._prepare_for_training(max_steps, train_dataloader, None)
         self.ramda_view = attach(self.optimizer, model)
+        if self.ramda.target:
+            self.ramda_hooks = self._compression_hooks(max_steps)
         if resume_from_checkpoint is not None:
             self._load_optimizer_and_scheduler(resume_from_checkpoint)
             self._load_scaler(resume_from_checkpoint)
@@ -132,6 +181,21 @@ class RamdaMixin:
         if self.args.should_save:
             os.makedirs(self.args.output_dir, exist_ok=True)
             Path(self.args.output_dir, "ramda_ds_setup.json").write_text(json.dumps(setup, indent=1))
+
+    def _compression_hooks(self, max_steps: int):
+        from ..compress.recipe import TargetConfig, resolve_ramp
+        from ..compress.run import CompressionHooks
+
+        r = self.ramda
+        model = self.accelerator.unwrap_model(self.model)
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        cfg = resolve_ramp(TargetConfig(
+            target=r.target, of=r.target_of, ramp=r.target_ramp, stable=r.target_stable,
+            max_identify=r.target_max_identify, floor=r.target_floor,
+            recover_lr_scale=r.recover_lr_scale, recover_restart_every=r.recover_restart_every,
+            total_params=total), max_steps)
+        cfg.check(max_steps)
+        return CompressionHooks(self.ramda_optimizer, "ramda", cfg)
 
     @property
     def ramda_optimizer(self):
@@ -170,6 +234,8 @@ class RamdaMixin:
                     world_size=self.args.world_size, state_dir=OPTIM_DIR,
                     optimizer=type(self.ramda_optimizer).__name__, base_model=base,
                     ramda=asdict(self.ramda))
+        if self.ramda_hooks is not None:
+            meta["compress"] = self.ramda_hooks.state_dict()
         (out / "ramda_ds_trainer.json").write_text(json.dumps(meta, indent=1))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
@@ -193,6 +259,14 @@ class RamdaMixin:
                                  f"optimizer ({what}): resume with the RamdaConfig it was "
                                  "written with")
         load_optimizer_state(self.ramda_optimizer, path)  # also the fp32 master weights
+        if self.ramda_hooks is not None and meta_file.exists():
+            import json
+
+            saved = json.loads(meta_file.read_text()).get("compress")
+            if saved is None:
+                raise ValueError(f"{checkpoint} was written without a size target: resume it "
+                                 "with the RamdaConfig it was written with")
+            self.ramda_hooks.on_start(saved, self.state.global_step, logger.info)
         sched = Path(checkpoint) / "scheduler.pt"
         if self.lr_scheduler is not None and sched.exists():
             self.lr_scheduler.load_state_dict(torch.load(sched, weights_only=True))
@@ -216,6 +290,56 @@ class RamdaMixin:
                 self._save(output_dir or self.args.output_dir, state_dict=sd)
             return
         return super().save_model(output_dir, _internal_call)
+
+
+class _RecipeCallback:
+    """After every optimizer step: the size target's λ for the next step, or the freeze."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def __getattr__(self, name):  # every other TrainerCallback event: nothing to do
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        hooks = self.trainer.ramda_hooks
+        if hooks is not None:  # the Trainer counts the step after this event
+            row = hooks.after_step(state.global_step + 1)
+            if row.get("stage") == "freeze":
+                logger.warning("step %d: support frozen at %.4f kept; the kept units now train "
+                               "with λ = 0", state.global_step + 1, row["kept_fraction"])
+
+
+def target_groups(groups: list[dict], target: float) -> list[dict]:
+    """With a size target the unit groups keep group lasso with λ set per step (0 to start)."""
+    for g in groups if target else ():
+        if g.get("regularizer") == "group_lasso":
+            g.update(lam=0.0, target=True)
+    return groups
+
+
+def check_compression(r: RamdaConfig) -> None:
+    if r.target:
+        if r.optimizer != "ramda":
+            raise ValueError("RamdaConfig(target=...) identifies units with RAMDA: optimizer "
+                             f"must be 'ramda', got {r.optimizer!r}")
+        if r.milestones:
+            raise ValueError("RamdaConfig(target=...) schedules its own stages: leave milestones "
+                             "empty")
+        from ..compress.recipe import TargetConfig
+
+        TargetConfig(target=r.target, of=r.target_of, floor=r.target_floor,
+                     recover_lr_scale=r.recover_lr_scale, total_params=1).check()
+    if not 0 <= r.distill <= 1 or r.distill_temperature <= 0:
+        raise ValueError(f"distill must be in [0, 1] and distill_temperature > 0, got "
+                         f"{r.distill}, {r.distill_temperature}")
+
+
+def _blocks(model):
+    return getattr(getattr(model, "model", None), "layers", None) or \
+        getattr(getattr(model, "transformer", None), "h", [])
 
 
 class RamdaTrainer(RamdaMixin, Trainer):
