@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from ramda_ds.compress.distill import distill_loss  # noqa: E402
 from ramda_ds.compress.importance import (activation_scores, allocation_of, keep_top,  # noqa: E402
                                           weight_scores)
-from ramda_ds.compress.recipe import TargetConfig, TargetRecipe  # noqa: E402
+from ramda_ds.compress.recipe import TargetConfig, TargetRecipe, resolve_ramp  # noqa: E402
 from ramda_ds.compress.support import freeze_support  # noqa: E402
 from ramda_ds.hf.units import unit_param_groups, unit_patterns  # noqa: E402
 from ramda_ds.optim import RAMDA, ProxGen  # noqa: E402
@@ -240,11 +240,12 @@ class Bench:
                 if g.get("regularizer") == "group_lasso":
                     g["target"] = True
             opt = RAMDA(groups, lr=lr, c=self.a.c0, keep_structured=True)
-            cfg = TargetConfig(target=size, ramp=int(self.a.ramp * self.a.steps),
+            cfg = resolve_ramp(TargetConfig(target=size, ramp=int(self.a.ramp * self.a.steps),
                                stable=self.a.stable, max_identify=int(self.a.max_identify *
                                                                       self.a.steps),
                                recover_lr_scale=self.a.recover_lr_scale,
-                               recover_restart_every=self.a.restart_every, steps=self.a.steps)
+                               recover_restart_every=self.a.restart_every, steps=self.a.steps,
+                               recover_with=self.a.recover_with), self.a.steps)
             cfg.check(self.a.steps)
             recipe = TargetRecipe(opt, cfg)
             self.train(model, opt, seed, kd, recipe.after_step)
@@ -255,6 +256,7 @@ class Bench:
         else:
             raise ValueError(method)
         ppl = perplexity(model, self.ft_valid)
+        alloc = "own" if method == "recipe" else alloc
         row = dict(method=method, size=size, kd=kd, alloc=alloc if kept is not None else None,
                    lr=lr, seed=seed, ppl=round(ppl, 3), kept_params=self.kept_params(kept),
                    ffn_kept=(sum(int(m.sum()) for m in kept.values()) /
@@ -306,6 +308,24 @@ def summarize(results: list[dict], base_ppl: float, out: Path) -> str:
         lines.append(f"| {r['ffn_kept']:.3f} | {r['method']} | {'yes' if r['kd'] else 'no'} | "
                      f"{r['alloc'] or '—'} | {r['lr']:g} | {r['ppl']:.2f} | "
                      f"{', '.join(f'{p:.2f}' for p in r['seeds'])} | {r['kept_params']:,} |")
+    lines += ["", "| FFN kept | recipe | best baseline (its settings) | recipe − best | "
+              "recipe + KD | best baseline, KD allowed | recipe+KD − best |", "|---|---|---|---|---|---|---|"]
+    for size in sorted({r["size"] for r in rows if r["size"]}, reverse=True):
+        at = [r for r in rows if r["size"] == size]
+
+        def best(pred):
+            c = [r for r in at if pred(r)]
+            return min(c, key=lambda r: r["ppl"]) if c else None
+        rec, rec_kd = best(lambda r: r["method"] == "recipe" and not r["kd"]), \
+            best(lambda r: r["method"] == "recipe" and r["kd"])
+        bl, bl_kd = best(lambda r: r["method"] != "recipe" and not r["kd"]), \
+            best(lambda r: r["method"] != "recipe")
+        if rec and bl and rec_kd and bl_kd:
+            lines.append(
+                f"| {size:g} | {rec['ppl']:.2f} | {bl['ppl']:.2f} ({bl['method']}, {bl['alloc']}) | "
+                f"{rec['ppl'] - bl['ppl']:+.2f} | {rec_kd['ppl']:.2f} | {bl_kd['ppl']:.2f} "
+                f"({bl_kd['method']}{' +KD' if bl_kd['kd'] else ''}, {bl_kd['alloc']}) | "
+                f"{min(rec['ppl'], rec_kd['ppl']) - bl_kd['ppl']:+.2f} |")
     text = "\n".join(lines)
     (out / "table.md").write_text(text + "\n")
     _plot(rows, base_ppl, out / "plot.png")
@@ -357,19 +377,36 @@ def main(argv=None):
     p.add_argument("--seq", type=int, default=64)
     p.add_argument("--sizes", default="0.7,0.5,0.3")
     p.add_argument("--seeds", default="0,1")
-    p.add_argument("--lrs", default="3e-4,1e-3,3e-3", help="AdamW lrs (baselines, dense)")
-    p.add_argument("--ramda_lrs", default="3e-4,1e-3,3e-3", help="RAMDA lrs (recipe, dense)")
+    p.add_argument("--lrs", default="5e-4,1e-3,2e-3", help="AdamW lrs (baselines, dense)")
+    p.add_argument("--ramda_lrs", default="5e-4,1e-3,2e-3",
+                   help="lrs of the recipe (its RAMDA and recovery stages alike) and dense RAMDA")
     p.add_argument("--c0", type=float, default=0.1)
-    p.add_argument("--restart_every", type=int, default=0, help="RAMDA restarts (dense, recovery)")
+    p.add_argument("--restart_every", type=int, default=50,
+                   help="RAMDA restarts every N steps (dense; the recipe's recovery with ramda)")
     p.add_argument("--gamma", type=float, default=1.0, help="lr decay at RAMDA's restarts")
-    p.add_argument("--ramp", type=float, default=0.3, help="identification ramp, fraction of steps")
-    p.add_argument("--stable", type=int, default=10)
-    p.add_argument("--max_identify", type=float, default=0.5, help="fraction of steps")
+    p.add_argument("--ramp", type=float, default=0.1, help="identification ramp, fraction of steps")
+    p.add_argument("--stable", type=int, default=0, help="0: 3%% of the steps")
+    p.add_argument("--max_identify", type=float, default=0.2, help="fraction of steps")
     p.add_argument("--recover_lr_scale", type=float, default=1.0)
     p.add_argument("--kd_beta", type=float, default=0.5, help="weight of KL in the KD loss")
     p.add_argument("--base_only", action="store_true", help="build (or load) the base and stop")
     p.add_argument("--only", default="", help="comma-separated methods to run (default: all)")
+    p.add_argument("--allocations", nargs="+", default=None,
+                   help="results.json of recipe runs whose per-layer allocations the baselines use")
+    p.add_argument("--recover_with", default="adamw", help="the recipe's recovery: adamw | ramda")
+    p.add_argument("--merge", nargs="+", default=None,
+                   help="only summarize: the results.json of earlier runs (e.g. one per size, run "
+                        "in parallel) into OUT/table.md and OUT/plot.png")
     a = p.parse_args(argv)
+    if a.merge:
+        runs = [json.loads(Path(f).read_text()) for f in a.merge]
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        results = [r for run in runs for r in run["runs"]]
+        (out / "results.json").write_text(json.dumps(dict(merged=a.merge, runs=results,
+                                                          base_ppl=runs[0]["base_ppl"]), indent=1))
+        print(summarize(results, runs[0]["base_ppl"], out))
+        return
     if a.base_only:
         a.only = "none"
     if a.quick:
@@ -379,6 +416,15 @@ def main(argv=None):
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     b = Bench(a)
+    for f in a.allocations or ():  # the recipe's per-layer allocations from earlier runs
+        for r in json.loads(Path(f).read_text())["runs"]:
+            if r["method"] == "recipe":
+                rows = [q for q in json.loads(Path(f).read_text())["runs"]
+                        if (q["method"], q["size"], q["kd"]) == ("recipe", r["size"], r["kd"])]
+                best_lr = min((q for q in rows if q["seed"] == min(x["seed"] for x in rows)),
+                              key=lambda q: q["ppl"])["lr"]
+                if r["lr"] == best_lr:
+                    b.allocations[(r["size"], r["kd"], r["seed"])] = r["allocation"]
     base_ppl = perplexity(b.base, b.ft_valid)
     print(f"base: {b.total_params:,} parameters, validation perplexity on the fine-tune corpus "
           f"{base_ppl:.2f} (on its own held-out text {perplexity(b.base, b.base_valid):.2f})",
@@ -397,17 +443,20 @@ def main(argv=None):
         b.tuned("dense_adamw", lrs, seeds)
     if want("dense") or want("dense_ramda"):
         b.tuned("dense_ramda", rlrs, seeds)
+    def save():
+        (out / "results.json").write_text(json.dumps(dict(args=vars(a), base_ppl=base_ppl,
+                                                          runs=b.results), indent=1))
+    save()
     for size in sizes:
         for kd in (False, True):
             if want("recipe"):
                 b.tuned("recipe", rlrs, seeds, size=size, kd=kd)
             for crit in ("weight", "activation"):
                 if want(crit):
-                    b.tuned(crit, lrs, seeds, size=size, kd=kd, alloc="uniform")
-                    if b.allocations:
-                        b.tuned(crit, lrs, seeds, size=size, kd=kd, alloc="recipe")
-        (out / "results.json").write_text(json.dumps(dict(args=vars(a), base_ppl=base_ppl,
-                                                          runs=b.results), indent=1))
+                    best = b.tuned(crit, lrs, seeds, size=size, kd=kd, alloc="uniform")[0]["lr"]
+                    if b.allocations:  # the same method at RAMDA's widths, at its tuned lr
+                        b.tuned(crit, [best], seeds, size=size, kd=kd, alloc="recipe")
+        save()
     print(summarize(b.results, base_ppl, out))
 
 

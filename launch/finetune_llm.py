@@ -78,6 +78,9 @@ class FinetuneArgs:
         "help": "each tensor keeps at least this fraction of its units"})
     recover_lr_scale: float = field(default=1.0, metadata={
         "help": "γ of the recovery: lr and ε × γ at the freeze and at each recovery restart"})
+    recover_with: str = field(default="adamw", metadata={
+        "help": "the recovery's update on the kept units: adamw (in RAMDA's buffers; fine-tunes a "
+                "converged model better, see docs/compression.md) | ramda (λ = 0)"})
     recover_restart_every: int = field(default=0, metadata={
         "help": "restart RAMDA every N steps of the recovery (V, U ← 0, W0 ← W); 0: never"})
     method: str = field(default="ramda", metadata={
@@ -223,7 +226,7 @@ def target_config(a: FinetuneArgs, total_params: int):
         target=a.target, of=a.target_of, ramp=a.target_ramp, stable=a.target_stable,
         max_identify=a.target_max_identify, floor=a.target_floor,
         recover_lr_scale=a.recover_lr_scale, recover_restart_every=a.recover_restart_every,
-        total_params=total_params), a.steps)
+        recover_with=a.recover_with, total_params=total_params), a.steps)
 
 
 def checkpoint_tokenizer(a: FinetuneArgs):

@@ -270,3 +270,33 @@ def test_distill_loss_is_kl_plus_ce():
     assert distill_loss(s, t, y, beta=0.25).item() == pytest.approx(0.25 * kl.item() + 0.75 * ce.item(),
                                                                     rel=1e-5)
     assert math.isfinite(distill_loss(s, t, y, temperature=2.0).item())
+
+
+def test_adamw_recovery_is_adamw_on_the_kept_units():
+    """recover_with="adamw": after the freeze, RAMDA's step is exactly AdamW (in its V, U
+    buffers) on the kept units, the removed ones held at zero."""
+    torch.manual_seed(0)
+    model = MLP(d=6, h=10)
+    opt = RAMDA(groups_of(model, 0.0, target=True), lr=0.01, keep_structured=True)
+    recipe = TargetRecipe(opt, TargetConfig(target=0.5, ramp=3, stable=1, max_identify=5,
+                                            recover_with="adamw", steps=30))
+    data = list(batches(30))
+    t = 0
+    while recipe.frozen_at is None:
+        x, y = data[t]
+        ((model(x) - y) ** 2).mean().backward()
+        opt.step(), opt.zero_grad()
+        t += 1
+        recipe.after_step(t)
+    ref = MLP(d=6, h=10)
+    ref.load_state_dict(model.state_dict())
+    kept = kept_groups(opt)["down.weight"]
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.01, weight_decay=0.0, eps=1e-8)
+    for x, y in data[t:]:
+        for m in (model, ref):
+            ((m(x) - y) ** 2).mean().backward()
+        ref.down.weight.grad[:, ~kept] = 0
+        opt.step(), opt.zero_grad(), ref_opt.step(), ref_opt.zero_grad()
+    for (n, a), b in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+    assert model.down.weight[:, ~kept].abs().max() == 0

@@ -272,6 +272,14 @@ def test_target_is_met_exactly_and_resume_is_bitwise_across_the_freeze(tmp_path)
     assert len(frozen) == 1 and frozen[0]["step"] == s["support_frozen_at"]
     assert rows(full)[0]["milestones"] == [] and rows(full)[0]["target"] == 0.5
     assert "W ≠ Ŵ" not in p.stdout
+    # export ships that model: exactly the kept neurons per layer, the run's perplexity
+    from ramda_ds.export.api import export_run
+
+    report = export_run(full, tmp_path / "exported", verbose=False)
+    sizes = [layer["intermediate_size"] for layer in json.loads(
+        (tmp_path / "exported" / "config.json").read_text())["layer_sizes"]]
+    assert sizes == [kept[f"model.layers.{i}.mlp.down_proj.weight"] for i in range(2)]
+    assert report["logits_max_rel_diff"] < 1e-5
     # resume from step 3 (identification) to the end: bitwise the uninterrupted run
     part = tmp_path / "part"
     shutil.copytree(full / "checkpoints" / "step_00000003", part / "checkpoints" / "step_00000003")

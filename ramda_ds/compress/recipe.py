@@ -10,11 +10,15 @@ left to the ranking.
 Stage 2, *recovery*: once the schedule has reached the target and Ŵ's kept set has settled for
 ``stable`` steps in a row (at most ``churn``, 1%, of the units changing per step: at the margin
 the quantile's units trade places), or at the latest after ``max_identify`` steps, the support is
-frozen on the exact target (the top units by r_g, with the per-tensor ``floor``), removed units are zeroed in W
-and held at zero (:mod:`.support`), the optimizer restarts from that W (a restart stage: V, U, α
-zeroed, W0 ← W, lr and ε scaled by ``recover_lr_scale``) and λ is 0: the kept units train without
-shrinkage. From then on the structured model is W itself (exactly zero on the removed units), and
-``state["structured"]`` is kept equal to it, so metrics and export ship W.
+frozen on the exact target (the top units by r_g, with the per-tensor ``floor``), removed units
+are zeroed in W and held at zero (:mod:`.support`), the optimizer restarts from that W (V, U, α
+zeroed, W0 ← W; lr and ε × ``recover_lr_scale``) and λ is 0: the kept units train without
+shrinkage. The recovery's update is AdamW by default (``recover_with="adamw"``: RAMDA's V and U
+buffers hold Adam's m and v, :meth:`RAMDA._adamw_group`), which fine-tunes a converged model better
+than dual averaging does at λ = 0 (docs/compression.md has the numbers), or RAMDA at λ = 0
+(``"ramda"``, optionally restarted every ``recover_restart_every`` steps). From then on the
+structured model is W itself (exactly zero on the removed units), and ``state["structured"]`` is
+kept equal to it, so metrics and export ship W.
 
 The recipe's own state (λ, the stage switch, the stability counter) goes into the run
 checkpoint's metadata (:meth:`state_dict`), the support into the optimizer state: a resumed run
@@ -32,6 +36,7 @@ from .support import freeze_support
 from .target import keep_schedule, select
 
 TARGET_OF = ("units", "params")
+RECOVER_WITH = ("adamw", "ramda")
 
 
 @dataclass
@@ -46,6 +51,7 @@ class TargetConfig:
     recover_lr_scale: float = 1.0  # γ: lr and ε × this at the freeze and each recovery restart
     recover_restart_every: int = 0  # restart RAMDA every N steps of the recovery (γ = 1); 0: never
     steps: int = 0  # the run's length (for the recovery's restarts)
+    recover_with: str = "adamw"  # the recovery's update: adamw, or ramda (at λ = 0)
     total_params: int = 0  # the model's parameter count (of="params")
 
     def check(self, steps: int | None = None) -> None:
@@ -58,6 +64,8 @@ class TargetConfig:
             raise ValueError(f"target_floor must be in [0, target={self.target}], got {self.floor}")
         if self.ramp < 0 or self.stable < 0 or self.max_identify < 0:
             raise ValueError("target_ramp, target_stable and target_max_identify must be >= 0")
+        if self.recover_with not in RECOVER_WITH:
+            raise ValueError(f"recover_with must be one of {RECOVER_WITH}, got {self.recover_with!r}")
         if not 0 < self.recover_lr_scale <= 1:
             raise ValueError(f"recover_lr_scale must be in (0, 1], got {self.recover_lr_scale}")
         if self.of == "params" and self.total_params <= 0:
@@ -207,6 +215,8 @@ class TargetRecipe:
             g["milestones"] = tuple(m for m in g["milestones"] if m < m0) + \
                 ((m0,) if m0 > 0 else ()) + again
             g["gamma"] = self.cfg.recover_lr_scale  # at the freeze and at every later restart
+            if self.cfg.recover_with == "adamw" and "grad_sum" in self.opt.state_keys():
+                g["adamw"] = dict(betas=(0.9, 0.999), eps=1e-8)
             g["final_stage_ramp"] = False  # c stays c0: W, the average, is the model
 
     @torch.no_grad()

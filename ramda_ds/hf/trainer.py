@@ -75,6 +75,7 @@ class RamdaConfig:
     target_floor: float = 0.0
     recover_lr_scale: float = 1.0
     recover_restart_every: int = 0
+    recover_with: str = "adamw"  # the recovery's update: adamw | ramda (λ = 0)
     distill: float = 0.0  # β of β·T²·KL(teacher‖student) + (1−β)·loss; the teacher: the start model
     distill_temperature: float = 1.0
 
@@ -193,7 +194,7 @@ class RamdaMixin:
             target=r.target, of=r.target_of, ramp=r.target_ramp, stable=r.target_stable,
             max_identify=r.target_max_identify, floor=r.target_floor,
             recover_lr_scale=r.recover_lr_scale, recover_restart_every=r.recover_restart_every,
-            total_params=total), max_steps)
+            recover_with=r.recover_with, total_params=total), max_steps)
         cfg.check(max_steps)
         return CompressionHooks(self.ramda_optimizer, "ramda", cfg)
 
@@ -331,7 +332,8 @@ def check_compression(r: RamdaConfig) -> None:
         from ..compress.recipe import TargetConfig
 
         TargetConfig(target=r.target, of=r.target_of, floor=r.target_floor,
-                     recover_lr_scale=r.recover_lr_scale, total_params=1).check()
+                     recover_lr_scale=r.recover_lr_scale, recover_with=r.recover_with,
+                     total_params=1).check()
     if not 0 <= r.distill <= 1 or r.distill_temperature <= 0:
         raise ValueError(f"distill must be in [0, 1] and distill_temperature > 0, got "
                          f"{r.distill}, {r.distill_temperature}")

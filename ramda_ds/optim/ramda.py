@@ -63,6 +63,8 @@ class RAMDA(StructuredOptimizer):
                     grad_sq_sum=torch.zeros_like(w, dtype=dtype), initial=w.to(dtype, copy=True))
 
     def _update_group(self, group, present):
+        if group.get("adamw"):  # the recovery stage of a size target (ramda_ds.compress)
+            return self._adamw_group(group, present)
         handled = self._fast_step(group, present)
         present = present - handled  # the rest (all, with backend="torch") takes the torch path
         items, updates = [], []
@@ -90,6 +92,27 @@ class RAMDA(StructuredOptimizer):
             if group["keep_structured"]:
                 self.state[p]["structured"] = self.view.wrap_state(p, w_hat)
             self._maybe_restart(group, st, w)
+
+    def _adamw_group(self, group, present):
+        """AdamW on the group (``group["adamw"]``: betas, eps; lr: the stage's, lr·γ^stage), in
+        RAMDA's own buffers:
+        ``grad_sum`` holds m and ``grad_sq_sum`` v (zeroed by the restart that starts the stage),
+        so the state keeps its keys, size and sharding. With t the step in the stage::
+
+            m ← β1·m + (1−β1)·G;  v ← β2·v + (1−β2)·G²;  W ← W − lr/(1−β1^t) · m/(√v/√(1−β2^t) + eps)
+        """
+        (b1, b2), eps = group["adamw"]["betas"], group["adamw"]["eps"]
+        for _, p, w, g in self._params(group, present):
+            st = self.local_state(p, w)
+            stage, t = self._advance(group, st)
+            lr = self._decayed(group, "lr", stage)
+            m, v = st["grad_sum"], st["grad_sq_sum"]
+            m.mul_(b1).add_(g, alpha=1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v.sqrt() / math.sqrt(1 - b2 ** t)).add_(eps)
+            w.addcdiv_(m.to(w.dtype), denom.to(w.dtype), value=-lr / (1 - b1 ** t))
+            if group["keep_structured"]:
+                self.state[p]["structured"] = self.view.wrap_state(p, w.to(m.dtype, copy=True))
 
     def _fast_step(self, group, present) -> set:
         """The step of :mod:`ramda_ds.kernels` (``backend`` ≠ ``"torch"``) for the tensors of
