@@ -173,7 +173,25 @@ class Bench:
                                self.base, self.rules, [next(calib)[0] for _ in range(16)]))
         self.teacher = copy.deepcopy(self.base).eval()
         self.results: list[dict] = []
+        self.on_record = None
         self.allocations: dict[tuple, dict] = {}  # (size, seed) → the recipe's kept per tensor
+
+    def load_allocations(self) -> None:
+        """The recipe's per-layer allocations (its best lr on the first seed) from the
+        results.json files of ``--allocations``, as far as they are written."""
+        for f in self.a.allocations or ():
+            if not Path(f).exists():
+                continue
+            runs = [r for r in json.loads(Path(f).read_text())["runs"] if r["method"] == "recipe"]
+            for size, kd in {(r["size"], r["kd"]) for r in runs}:
+                mine = [r for r in runs if (r["size"], r["kd"]) == (size, kd)]
+                first = min(r["seed"] for r in mine)
+                if len([r for r in mine if r["seed"] == first]) < len(self.a.ramda_lrs.split(",")):
+                    continue  # its lr sweep is not finished
+                lr = min((r for r in mine if r["seed"] == first), key=lambda r: r["ppl"])["lr"]
+                for r in mine:
+                    if r["lr"] == lr:
+                        self.allocations[(size, kd, r["seed"])] = r["allocation"]
 
     def kept_params(self, kept: dict | None) -> int:
         if kept is None:
@@ -206,6 +224,8 @@ class Bench:
     def record(self, **row) -> dict:
         self.results.append(row)
         print("  " + json.dumps(row), flush=True)
+        if self.on_record is not None:
+            self.on_record()  # results.json stays current (other processes read allocations)
         return row
 
     def run(self, method: str, lr: float, seed: int, size: float | None = None,
@@ -225,8 +245,17 @@ class Bench:
         elif method in ("weight", "activation"):
             allocation = None
             if alloc == "recipe":
-                allocation = self.allocations.get((size, kd, seed)) or \
-                    self.allocations.get((size, kd, 0))
+                allocation = next((self.allocations[k] for k in ((size, kd, seed), (size, False, seed),
+                                                                 (size, kd, 0), (size, False, 0))
+                                   if k in self.allocations), None)
+                for _ in range(60 if allocation is None and self.a.allocations else 0):
+                    time.sleep(30)  # another process is still running the recipe: wait for it
+                    self.load_allocations()
+                    allocation = next((self.allocations[k] for k in (
+                        (size, kd, seed), (size, False, seed), (size, kd, 0), (size, False, 0))
+                        if k in self.allocations), None)
+                    if allocation is not None:
+                        break
                 if allocation is None:
                     raise RuntimeError("the recipe's allocation is needed first")
             kept = keep_top(self.scores[method], size, allocation)
@@ -416,15 +445,7 @@ def main(argv=None):
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     b = Bench(a)
-    for f in a.allocations or ():  # the recipe's per-layer allocations from earlier runs
-        for r in json.loads(Path(f).read_text())["runs"]:
-            if r["method"] == "recipe":
-                rows = [q for q in json.loads(Path(f).read_text())["runs"]
-                        if (q["method"], q["size"], q["kd"]) == ("recipe", r["size"], r["kd"])]
-                best_lr = min((q for q in rows if q["seed"] == min(x["seed"] for x in rows)),
-                              key=lambda q: q["ppl"])["lr"]
-                if r["lr"] == best_lr:
-                    b.allocations[(r["size"], r["kd"], r["seed"])] = r["allocation"]
+    b.load_allocations()
     base_ppl = perplexity(b.base, b.ft_valid)
     print(f"base: {b.total_params:,} parameters, validation perplexity on the fine-tune corpus "
           f"{base_ppl:.2f} (on its own held-out text {perplexity(b.base, b.base_valid):.2f})",
@@ -447,6 +468,7 @@ def main(argv=None):
         (out / "results.json").write_text(json.dumps(dict(args=vars(a), base_ppl=base_ppl,
                                                           runs=b.results), indent=1))
     save()
+    b.on_record = save
     for size in sizes:
         for kd in (False, True):
             if want("recipe"):
@@ -454,7 +476,7 @@ def main(argv=None):
             for crit in ("weight", "activation"):
                 if want(crit):
                     best = b.tuned(crit, lrs, seeds, size=size, kd=kd, alloc="uniform")[0]["lr"]
-                    if b.allocations:  # the same method at RAMDA's widths, at its tuned lr
+                    if b.allocations or a.allocations:  # at RAMDA's widths, at the tuned lr
                         b.tuned(crit, [best], seeds, size=size, kd=kd, alloc="recipe")
         save()
     print(summarize(b.results, base_ppl, out))

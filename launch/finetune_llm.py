@@ -296,11 +296,6 @@ def causal_lm_forward(model, x, memory):
     return model(input_ids=x).logits, None
 
 
-def _blocks(model):
-    return getattr(getattr(model, "model", None), "layers", None) or \
-        getattr(getattr(model, "transformer", None), "h", [])
-
-
 def compression_hooks(a: FinetuneArgs, acc, model, opt, task, n_params: int):
     """The loop's hooks for --target / --method prune_recover (None without them)."""
     if not a.target:
@@ -328,6 +323,7 @@ def main(argv=None):
     a = parse_args(argv)
     from transformers import AutoModelForCausalLM
 
+    from ramda_ds.hf.units import blocks_of
     from ramda_ds.metrics import tensor_sparsity
     from ramda_ds.training.loop import headline, train, unwrap
 
@@ -337,7 +333,7 @@ def main(argv=None):
     train_ids, valid_ids = tokenize(acc, a, model.config.vocab_size, out)
     task = make_task(acc, a, train_ids, valid_ids, a.seq_len, causal_lm_forward,
                      eval_tokens=a.eval_tokens)
-    blocks = _blocks(model)
+    blocks = blocks_of(model)
     ramda = a.optimizer == "ramda"
     n_params = sum(p.numel() for p in model.parameters())
     teacher = None
@@ -348,7 +344,7 @@ def main(argv=None):
         kind = "fsdp2" if use_fsdp2(a.fsdp2) else backend_name(acc, False)
         try:
             teacher, held = make_teacher(
-                model, acc, precision, kind, blocks_of=_blocks,
+                model, acc, precision, kind, blocks_of=blocks_of,
                 load=lambda: AutoModelForCausalLM.from_pretrained(a.model_path, dtype=torch.float32))
         except ValueError as e:
             raise SystemExit(str(e)) from None

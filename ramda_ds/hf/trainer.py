@@ -40,7 +40,7 @@ from transformers.utils import logging
 from ..checkpoint import load_optimizer_state, save_optimizer_state
 from ..metrics import tensor_sparsity, wgs_of
 from ..sharding import attach
-from .units import unit_param_groups
+from .units import blocks_of, unit_param_groups
 
 OPTIM_DIR = "ramda_ds_optim"  # checkpoint-N/ramda_ds_optim/rank{r}.safetensors + COMPLETE
 OPTIMIZERS = ("ramda", "proxgen", "rmda", "proxsgd")
@@ -117,7 +117,7 @@ class RamdaMixin:
                 f"deepspeed-zero{plugin.zero_stage}" if plugin is not None else "ddp")
         path = getattr(self.model.config, "_name_or_path", "")
         teacher, held = make_teacher(
-            self.model, self.accelerator, "no", kind, blocks_of=_blocks,
+            self.model, self.accelerator, "no", kind, blocks_of=blocks_of,
             load=lambda: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
         self.ramda_teacher_params = held
         return teacher
@@ -309,8 +309,9 @@ class _RecipeCallback:
         if hooks is not None:  # the Trainer counts the step after this event
             row = hooks.after_step(state.global_step + 1)
             if row.get("stage") == "freeze":
-                logger.warning("step %d: support frozen at %.4f kept; the kept units now train "
-                               "with λ = 0", state.global_step + 1, row["kept_fraction"])
+                logger.warning("step %d: support frozen at %.4f kept; the kept units now recover "
+                               "without shrinkage (λ = 0)", state.global_step + 1,
+                               row["kept_fraction"])
 
 
 def target_groups(groups: list[dict], target: float) -> list[dict]:
@@ -337,11 +338,6 @@ def check_compression(r: RamdaConfig) -> None:
     if not 0 <= r.distill <= 1 or r.distill_temperature <= 0:
         raise ValueError(f"distill must be in [0, 1] and distill_temperature > 0, got "
                          f"{r.distill}, {r.distill_temperature}")
-
-
-def _blocks(model):
-    return getattr(getattr(model, "model", None), "layers", None) or \
-        getattr(getattr(model, "transformer", None), "h", [])
 
 
 class RamdaTrainer(RamdaMixin, Trainer):

@@ -15,6 +15,13 @@ from fnmatch import fnmatch
 UNITS = ("ffn", "heads")
 
 
+def blocks_of(model) -> list:
+    """The transformer blocks of a Llama-family (``model.layers``) or GPT-2 (``transformer.h``)
+    model: what FSDP2 shards one by one."""
+    return getattr(getattr(model, "model", None), "layers", None) or \
+        getattr(getattr(model, "transformer", None), "h", [])
+
+
 def parse_groups(text: str) -> dict[str, str]:
     """``"PATTERN=RULE;..."`` → ``{PATTERN: RULE}`` (RULE: input | output | head:D | ...)."""
     out = {}

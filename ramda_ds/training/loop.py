@@ -255,7 +255,7 @@ def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict, hooks=None)
                 if recipe_row.get("stage") == "freeze":
                     log.log(dict(step=step, support_frozen_at=step, **recipe_row))
                     log.message(f"step {step}: support frozen at {recipe_row['kept_fraction']:.4f}"
-                                " kept; the kept units now train with λ = 0 (recovery)")
+                                " kept; the kept units now recover without shrinkage (λ = 0)")
             train_time += time.perf_counter() - t0
             log.advance()
             # SIGTERM: save right away (the launcher kills after TORCH_ELASTIC_SHUTDOWN_TIMEOUT)
