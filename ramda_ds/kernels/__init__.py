@@ -11,10 +11,9 @@ or 80 layers.  ``backend`` (a param-group option of RAMDA):
   and PG with the paper's stop rule.
 * ``"triton"`` — Triton kernels: :mod:`.exact` (exact solver, unregularized groups) and
   :mod:`.triton_pg` (PG).  On CPU they run only under ``TRITON_INTERPRET=1`` (the tests use it).
-* ``"auto"`` — native for CPU tensors and Triton for CUDA tensors, each only after a tiny RAMDA
-  run both ways (:func:`.native.self_test`, :func:`.exact.self_test`, once per process) built
-  and matched the torch step; otherwise torch, with a warning.  It never picks a path that cannot
-  run.
+* ``"auto"`` — native for CPU tensors and Triton for CUDA tensors, each only after a tiny plan
+  run on the kernels matched the reference solvers (:mod:`.selftest`, once per process; no
+  optimizer is built); otherwise torch, with a warning.  It never picks a path that cannot run.
 
 The fast paths apply to contiguous float32 tensors with float32 state, unregularized or
 regularized by the group lasso, with ``inexact_eps0`` unset: unsharded (single process, DDP) or
@@ -27,32 +26,13 @@ rounding (the native one, op for op, mostly bit for bit), not guaranteed bitwise
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
 
+from .device import LAUNCHES, available, interpreting, triton_version  # noqa: F401
+
 BACKENDS = ("auto", "torch", "triton", "native")
-LAUNCHES = [0]
-
-
-def triton_version() -> str | None:
-    try:
-        import triton
-    except ImportError:
-        return None
-    return triton.__version__
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def available(device: torch.device) -> bool:
-    """Whether Triton kernels can run on tensors of ``device``."""
-    if triton_version() is None:
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and interpreting())
 
 
 def check_backend(backend, where: str) -> None:
@@ -72,9 +52,7 @@ def choose(backend: str, device: torch.device) -> str:
         load()  # raises NativeUnavailable with the compiler's message
         return "native"
     if backend == "auto" and device.type == "cpu":
-        from .native import available as native_ok
-
-        return "native" if native_ok() else "torch"
+        return "native" if native_available() else "torch"
     return "triton" if use_triton(backend, device) else "torch"
 
 
@@ -88,10 +66,10 @@ def use_triton(backend: str, device: torch.device) -> bool:
         if device.type != "cuda" or triton_version() is None:
             return False
         if str(device) not in _VERIFIED:
-            from .exact import self_test
+            from .selftest import check
 
             try:
-                _VERIFIED[str(device)] = self_test(device)
+                _VERIFIED[str(device)] = check("triton", device)
             except Exception as e:  # noqa: BLE001 - any compile/launch failure means "do not use"
                 warnings.warn(f"ramda_ds: Triton kernels failed on {device} ({e!r}); using torch")
                 _VERIFIED[str(device)] = False
@@ -100,3 +78,26 @@ def use_triton(backend: str, device: torch.device) -> bool:
         raise RuntimeError(f"backend='triton' cannot run on {device} tensors: Triton needs a CUDA "
                            "device, or TRITON_INTERPRET=1 for its CPU interpreter")
     return True
+
+
+_NATIVE_OK: dict = {}
+
+
+def native_available() -> bool:
+    """Whether the C kernels compile here and pass the self-test against the reference solvers
+    (:mod:`.selftest`, PG and exact); once per process.  ``backend="auto"`` uses them on CPU only
+    then (else warns and uses torch)."""
+    if "ok" not in _NATIVE_OK:
+        try:
+            from .native_build import load
+            from .selftest import check
+
+            load()
+            _NATIVE_OK["ok"] = check("native", torch.device("cpu"))
+            if not _NATIVE_OK["ok"]:
+                warnings.warn("ramda_ds: the native CPU kernels do not match the reference solvers "
+                              "on this machine; using torch")
+        except Exception as e:  # noqa: BLE001 - no compiler, a failed compile: use torch
+            warnings.warn(f"ramda_ds: the native CPU kernels are unavailable ({e}); using torch")
+            _NATIVE_OK["ok"] = False
+    return _NATIVE_OK["ok"]
