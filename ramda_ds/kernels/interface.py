@@ -2,9 +2,10 @@ r"""The interface a kernel set implements: the passes the host drivers call on o
 
 A backend (``"native"``: C loops, :mod:`.native`; ``"triton"``: :mod:`.triton_pg` with the exact
 kernels of :mod:`.exact`) is one :class:`KernelSet` subclass bound to a :class:`.table.Table` (the
-rows of a step plan, :mod:`.plan`).  The drivers — :func:`.table.solve_pg_chunked` (PG, unsharded,
-chunks of iterations), :func:`.sharded.solve_pg` (PG, one iteration a pass when groups span ranks)
-and :func:`.sharded.solve_exact` (the exact solver's Newton passes) — own every decision (screening,
+rows of a step plan, :mod:`.plan`).  The drivers — :func:`.sharded.solve_pg` (PG on any table: chunks
+of iterations for problems whose groups are whole on this rank, one iteration a pass for those
+whose groups span ranks) and :func:`.sharded.solve_exact` (the exact solver's Newton passes) —
+own every decision (screening,
 step sizes, stop rules, Newton updates, collectives) and call only these methods; every method
 works on all rows of the table at once.
 

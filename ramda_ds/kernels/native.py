@@ -6,7 +6,7 @@
   in cache, ``Ŵ`` and the averaging.  Newton stops when every group *of the block* has converged
   (the torch path: every group of the tensor), so μ equals the torch path's to the solver's
   tolerance (8 float32 ulps), not necessarily bitwise.
-* PG (the paper's stop rule): :func:`.table.solve_pg_chunked` with these kernels; ``P, b, Y, Y'``
+* PG (the paper's stop rule): :func:`.sharded.solve_pg` (its chunks) with these kernels; ``P, b, Y, Y'``
   are stored item-packed (each block contiguous), so a chunk's iterations run in cache.
 * Sharded views (:mod:`.sharded`): the same stage, finish and unregularized kernels on a table of
   pieces, and one pass per PG iteration (``ramda_pg_iter``) or Newton pass
@@ -125,23 +125,19 @@ def _p(x):
     return 0 if x is None else x.data_ptr()
 
 
-def run(plan) -> list:
-    """One step of an unsharded plan (RAMDA or ProxGen) on the C kernels: the unregularized rows
-    in one pass, then PG (:func:`.table.solve_pg_chunked`) or the exact solver in one pass per
-    block; ``[(segment, SolverStats)]``."""
+def run_exact(plan, tab) -> list:
+    """One RAMDA step of an unsharded plan (its table ``tab``, built without scratch) with the
+    exact solver fused in one pass per block of groups (stage, screening, Newton and the finish
+    while the block is in cache); the unregularized rows in one pass before.
+    ``[(segment, SolverStats)]``."""
     from .native_build import load
 
-    tab = table.build(plan)
-    k = (_Kernels if plan.kind == "ramda" else _ProxGenKernels)(load(), tab)
+    k = _Kernels(load(), tab)
     k.free()
-    T = len(tab.rows)
-    iters, act, q = [0] * T, torch.zeros(0, dtype=torch.bool), [math.nan] * T
-    if k.items.n:
-        if plan.solver != "exact":
-            iters, act, q = table.solve_pg_chunked(k, plan, tab, k.tau_t)
-        else:
-            iters, act = _exact(plan, k, tab, k.tau_t)
-    return table.stats(tab, iters, act, q)
+    if not k.items.n:
+        return []
+    iters, act = _exact(plan, k, tab, k.tau_t)
+    return table.stats(tab, iters, act, [math.nan] * len(tab.rows))
 
 
 class _Kernels(KernelSet):

@@ -88,18 +88,14 @@ def execute(plan: Plan, path: str) -> list:
     ``[(segment, SolverStats)]`` per problem.  The parameters, state and Ŵ are updated in place."""
     if not plan.tensors:
         return []
-    if plan.sharded:
-        from . import sharded
+    from . import sharded  # the table builder; PG on any table, and the sharded exact solver
 
-        return sharded.run(plan, path)
-    if path == "native":
-        from . import native
+    if not plan.sharded and plan.solver == "exact" and path == "native":
+        from . import native  # the exact solver fused in one pass per block
 
-        return native.run(plan)
-    if plan.solver != "exact" and plan.regularized:
-        from . import triton_pg
+        return native.run_exact(plan, sharded.build(plan, scratch=False).tab)
+    if not plan.sharded and path == "triton" and (plan.solver == "exact" or not plan.regularized):
+        from . import exact  # the Triton exact step (an unregularized group: τ = 0, one pass)
 
-        return triton_pg.run(plan)
-    from . import exact  # the exact solver, or an unregularized group: one pass per Newton step
-
-    return exact.run(plan)
+        return exact.run(plan)
+    return sharded.run(plan, path)

@@ -5,8 +5,9 @@ segment's groups are cut into at most five pieces ``[rows, ncols, inner]``
 (:class:`ramda_ds.groups.SegmentGroups`).  The table's rows are those pieces, plus *free* rows
 for the rest of the tensor (unregularized segments, padding: ``Ŵ = W0 − V/P`` as on the torch
 path), so the stage, finish and unregularized kernels of :mod:`.native` and :mod:`.triton_pg`
-run on it unchanged.  Only PG differs from :func:`.table.solve_pg_chunked`: a group that spans
-ranks is complete only after an all-reduce, so :func:`solve_pg` runs one iteration per pass:
+run on it unchanged.  An unsharded plan is the special case of whole tensors (one piece per
+regularized tensor, no spanning group).  PG: a group that spans ranks is complete only after an
+all-reduce, so :func:`solve_pg` runs one iteration per pass for those problems:
 
 * pass j (``k.iterate``): ``Z = f_{j−1}∘Y_{j−1}``, ``Y_j = ηb + (1 − ηP)∘Z``, and per row slot the
   partial sums ``ΣY², ΣPY², ΣbY``;
@@ -17,7 +18,7 @@ ranks is complete only after an all-reduce, so :func:`solve_pg` runs one iterati
 
 Problems with no spanning group (a parameter whole on one ZeRO-1/2 partition, an FSDP2
 ``Shard(1)`` column block, a replicated tensor) have each group complete in one row, so they run
-PG as *chunks* instead (:func:`_chunks`, the scheme of :func:`.table.solve_pg_chunked`): several
+PG as *chunks* instead (:func:`_chunks`, the scheme described in :mod:`.table`): several
 iterations per pass in cache and one all-reduce per chunk for their shares of ``Q``.
 
 A *problem* is one regularized segment (empty ones included), exactly as on the torch path; every
@@ -155,22 +156,25 @@ class Sharded:
         return buf[n:] if scalars is not None else None
 
 
-def build(plan):
-    """The pieces table of a sharded plan and its problems (one per :class:`.plan.Problem`)."""
+def build(plan, scratch: bool = True):
+    """The table of a plan and its problems (one per :class:`.plan.Problem`): rows are pieces
+    of segments (sharded) or whole tensors (unsharded: one piece per regularized tensor), plus
+    free rows for everything unregularized.  ``scratch=False``: no ``P, b, Y`` (the fused native
+    exact solver packs its own)."""
     ramda, pg = plan.kind == "ramda", plan.solver != "exact"
     rows, ptrs, geom, scal, pscal, taus, keep = [], [], [], [], [], [], []
     tensors, probs, row_prob, slot_ranges = [], [], [], []
     row_slot = prob_slot = 0
     for ti, ts in enumerate(plan.tensors):
         w, regs = ts.w, ts.problems
-        P, b = (torch.empty_like(w), torch.empty_like(w)) if regs else (None, None)
-        Y = torch.empty_like(w) if pg and regs else None
+        P, b = (torch.empty_like(w), torch.empty_like(w)) if regs and scratch else (None, None)
+        Y = torch.empty_like(w) if pg and regs and scratch else None
         keep.append((ts.g, P, b, Y))
         tensors.append(ts)
 
         def add(off, n, lay, gslot, mode, tau, prob, seg):
             r = slice(off, off + n)
-            P_r, b_r, Y_r = ((None, None, None) if seg is None else  # (free rows: no scratch)
+            P_r, b_r, Y_r = ((None, None, None) if seg is None or P is None else  # (no scratch)
                              (P[r], b[r], None if Y is None else Y[r]))
             ptrs.append(table.row_ptrs(ts, P_r, b_r, Y_r, off))
             geom.append([lay.rows, lay.groups, lay.inner, gslot])
@@ -288,7 +292,7 @@ def solve_pg(k, plan, sh: Sharded):
 
 
 def _chunks(k, plan, sh, which, f_rows, eta_rows, const, iters, q_last, ycol):
-    """PG as chunks (:func:`.table.solve_pg_chunked`'s scheme) for the problems ``which``, whose
+    """PG as chunks (the scheme of :mod:`.table`) for the problems ``which``, whose
     groups are all whole on one rank (so each has at most one row here, its groups complete in
     it): ``n`` iterations per pass in cache, one all-reduce per chunk completing the communicating
     problems' shares of Q for each of its iterations (not one per iteration), the stop rule on
@@ -427,8 +431,10 @@ def solve_exact(k, plan, sh: Sharded, max_iters: int = 50):
 
 
 def run(plan, path: str) -> list:
-    """One step of a sharded plan on the kernels of ``path`` (``"native"`` or ``"triton"``):
-    ``[(segment, SolverStats)]`` per problem.  Every rank runs the same collectives."""
+    """One step of a plan, sharded or not, on the kernels of ``path`` (``"native"`` or
+    ``"triton"``): ``[(segment, SolverStats)]`` per problem.  The one PG driver and the exact
+    driver for every table (an unsharded plan's problems are all whole: PG runs them as chunks,
+    with no communication).  Every rank runs the same collectives."""
     sh = build(plan)
     k = _kernels(path, plan.kind, sh.tab, sh.device)
     k.free()

@@ -1,6 +1,6 @@
 r"""RAMDA + PG (the paper's stop rule) as Triton launches over the per-step table.
 
-The Triton kernel set of :func:`ramda_ds.kernels.table.solve_pg_chunked`.  Every kernel runs on a
+The Triton kernel set (:class:`.interface.KernelSet`) of the PG driver :func:`.sharded.solve_pg`.  Every kernel runs on a
 grid ``(block of BC groups, tensor)`` over the whole table, so a step costs the same number of
 launches for 8 or 80 layers: ``_free`` (unregularized tensors: the stage, ``Ŵ = W0 − V/P`` and
 the averaging), ``_pg_stage`` (``V, U, P, b`` and per group ``Σb², Σ(½P∘W0 − V)∘W0, max P``),
@@ -12,8 +12,6 @@ compare them under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -286,16 +284,3 @@ class _Kernels(KernelSet):
 def _padded(x, n):
     """``x`` with at least ``n`` elements (a kernel argument must not be empty)."""
     return x if x.numel() >= n else torch.cat([x, x.new_zeros(n - x.numel())])
-
-
-def run(plan) -> list:
-    """One RAMDA step (PG) of an unsharded plan on the Triton kernels: ``[(segment, stats)]``."""
-    tab = table.build(plan)
-    dev = tab.rows[0].w.device
-    k = _Kernels(tab, dev)
-    k.free()
-    T = len(tab.rows)
-    iters, act, q = [0] * T, torch.zeros(0, dtype=torch.bool, device=dev), [math.nan] * T
-    if any(r.seg is not None for r in tab.rows):
-        iters, act, q = table.solve_pg_chunked(k, plan, tab, k.tau_t)
-    return table.stats(tab, iters, act, q)
