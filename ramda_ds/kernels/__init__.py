@@ -1,8 +1,10 @@
 """Fused kernels for RAMDA's step, and the switch that chooses them.
 
-All of them consume the per-step table of :mod:`.table` (one row per tensor; under a sharded view
-one row per piece of a segment, :mod:`.sharded`), so a step costs the same number of passes for 8
-or 80 layers.  ``backend`` (a param-group option of RAMDA):
+They execute a step plan (:mod:`.plan`: tensors and scalars, built by
+:mod:`ramda_ds.optim.fast`; the kernels never see an optimizer) on a table of rows (one row per
+tensor; under a sharded view one row per piece of a segment, :mod:`.sharded`), so a step costs the
+same number of passes for 8 or 80 layers.  A kernel set implements :mod:`.interface`.
+``backend`` (a param-group option of RAMDA and ProxGen):
 
 * ``"torch"`` (the default) — the pure-torch reference; runs everywhere; sharded == unsharded bit
   for bit on every sharding backend.
@@ -15,10 +17,11 @@ or 80 layers.  ``backend`` (a param-group option of RAMDA):
   run on the kernels matched the reference solvers (:mod:`.selftest`, once per process; no
   optimizer is built); otherwise torch, with a warning.  It never picks a path that cannot run.
 
-The fast paths apply to contiguous float32 tensors with float32 state, unregularized or
-regularized by the group lasso, with ``inexact_eps0`` unset: unsharded (single process, DDP) or
-sharded (ZeRO-1/2/3, FSDP2, FSDP1: :mod:`.sharded`, one all-reduce per solver iteration as on the
-torch path); anything else in a group takes the torch path.  They match the torch path to float32
+The fast paths apply to contiguous float32 tensors with float32 state whose group's regularizer
+does not act (λ = 0 or none) or is the group lasso, with ``inexact_eps0`` unset for PG: unsharded
+(single process) or sharded (ZeRO-1/2/3, FSDP2, FSDP1: :mod:`.sharded`, one all-reduce per solver
+iteration as on the torch path); anything else takes the torch path (the rule:
+:mod:`ramda_ds.optim.fast`).  They match the torch path to float32
 rounding (the native one, op for op, mostly bit for bit), not guaranteed bitwise.
 
 :data:`LAUNCHES` counts Triton launches (``bench/optimizer_step.py`` adds them to the op count).
