@@ -34,6 +34,12 @@ class Regularizer:
     name: str | None = None
     batched = False
     kernels = True  # the unregularized update is the kernels' "free" row
+    whole_tensors = False  # its prox needs whole tensors (no ZeRO/FSDP sharding)
+
+    def column_groups(self, group: dict) -> bool:
+        """Whether every group is a set of whole columns ``W[:, j, ...]`` (so an FSDP2
+        ``Shard(1)`` block holds whole groups)."""
+        return False
 
     def grouping(self, group: dict) -> str | None:
         return None
@@ -73,6 +79,9 @@ class GroupLasso(Regularizer):
     def grouping(self, group):
         return group.get("grouping", "input")
 
+    def column_groups(self, group):
+        return self.grouping(group) == "input"
+
     def group_weight(self, seg):
         return seg.groups.layout.group_weight
 
@@ -97,6 +106,9 @@ class L1(GroupLasso):
     def grouping(self, group):
         return "element"
 
+    def column_groups(self, group):
+        return False  # (elements are, but Shard(1) of L1 was never offered)
+
     def group_weight(self, seg):
         return 1.0
 
@@ -114,6 +126,7 @@ class Nuclear(Regularizer):
 
     name = "nuclear"
     kernels = False
+    whole_tensors = True
 
     def regularizes(self, group, seg):
         return group["lam"] > 0
