@@ -18,8 +18,8 @@ py=${PYTHON:-python3}
 {
   nvidia-smi -L
   $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  timeout 180 $py -c "import torch; from ramda_ds.kernels import exact; \
-print('Triton self-test (PG and exact vs torch on cuda):', exact.self_test(torch.device('cuda')))"
+  timeout 180 $py -c "import torch; from ramda_ds.kernels.selftest import check; \
+print('Triton self-test (PG and exact vs the reference solvers on cuda):', check('triton', torch.device('cuda')))"
   timeout 240 $py bench/optimizer_step.py --device cuda --blocks 4 --d-model 4096 --steps 5 \
     --no-count --only "AdamW(fused),RAMDA+exact,RAMDA+exact triton,RAMDA+PG triton,MADGRAD triton"
   timeout 240 $py bench/train_step.py --device cuda --model llama --llama-hidden 2048 \

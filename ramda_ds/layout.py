@@ -20,7 +20,8 @@ The view protocol (:class:`Unsharded` is the single-process / DDP view; the shar
 * ``comm_for(segment)`` → the :class:`~ramda_ds.comm.Reducer` that completes its group sums
 * ``after_load()`` → refresh the model's copies after the master weights were overwritten
 
-This module imports only torch, :mod:`ramda_ds.groups` and :mod:`ramda_ds.comm` (both leaves).
+This module imports only torch, :mod:`ramda_ds.groups`, :mod:`ramda_ds.comm` (both leaves) and
+:mod:`ramda_ds.regularizers` (each regularizer's grouping rule).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 
 from .comm import LOCAL, Reducer
 from .groups import GroupLayout, SegmentGroups, layout_for
+from .regularizers import regularizer_of
 
 
 @dataclass
@@ -104,13 +106,9 @@ class Segment:
 
 
 def layout_of(group: dict, shape, name: str = "<tensor>") -> GroupLayout | None:
-    """Group layout of a tensor of the param group (None: no group structure)."""
-    reg = group.get("regularizer")
-    if reg == "group_lasso":
-        return layout_for(shape, group.get("grouping", "input"), name)
-    if reg == "l1":
-        return layout_for(shape, "element", name)
-    return None
+    """Group layout of a tensor of the param group (None: no group structure): its
+    regularizer's grouping rule (:mod:`ramda_ds.regularizers`)."""
+    return regularizer_of(group).layout(group, shape, name)
 
 
 def make_segment(name, shape, lo, hi, start, group, local_shape=None, group_offset=0) -> Segment:

@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .comm import LOCAL, Reducer
 from .groups import SegmentGroups
-from .layout import Span
+
+if TYPE_CHECKING:  # (an annotation only: layout.py sits above this module)
+    from .layout import Span
 
 F64 = torch.float64
 
@@ -58,6 +61,39 @@ class SolverStats:
     screened_groups: int = 0
     residual: float = 0.0  # ‖s‖ for the element s ∈ ∂Q(Ẑ) given by the last prox step
     objective: float = 0.0  # Q(Ẑ) over the groups that survive screening
+
+
+# ----------------------------------------------------------------------------- the rules, once
+def shrink_factor(norm: torch.Tensor, thresh) -> torch.Tensor:
+    """The group soft-threshold factor ``max(0, 1 − thresh/‖Y_g‖)`` per group (``norm`` = ‖Y_g‖;
+    a zero norm gives 0, never 0/0): ``prox(Y)_g = factor_g · Y_g``.  PG's iterate (``thresh =
+    η_g·τ``), the closed-form prox (``thresh = τ``) and the sharded kernels' host step use it."""
+    return (1.0 - thresh / norm.clamp_min(1e-300)).clamp_min_(0.0)
+
+
+def pg_should_stop(q_prev: float, q: float, j: int, rtol: float) -> bool:
+    """The paper's stop rule for PG, after iteration ``j``: ``j ≥ 2`` and
+    ``(Q(Z^{j−1}) − Q(Z^j)) / (|Q(Z^j)| + 1) < rtol`` (every driver decides with it, from the same
+    float64 numbers on every rank)."""
+    return j >= 2 and (q_prev - q) / (abs(q) + 1.0) < rtol
+
+
+def newton_update(mu, lo, hi, z2, z3, tau, move, tol):
+    """One safeguarded Newton step per group on ``φ(μ) = 1/‖Z(μ)‖ − μ/τ`` (the exact group
+    solver), from ``z2 = ‖Z(μ)‖² = Σ b²/(P+μ)²`` and ``z3 = Σ b²/(P+μ)³``: the bracket ``[lo, hi]``
+    shrinks to μ's side of the root, μ takes the Newton step, or bisection when that leaves the
+    bracket.  ``move``: the groups whose μ moves (active groups of problems still iterating).
+    Returns ``(μ, lo, hi, unconverged)``, unconverged = ``move`` and ``|μ‖Z‖ − τ| > tol·τ`` (at
+    the μ given)."""
+    zn = z2.clamp_min(1e-300).sqrt()
+    phi = 1.0 / zn - mu / tau
+    dphi = z3 / (zn * zn * zn) - 1.0 / tau  # d/dμ (1/‖Z‖) − 1/τ  (< 0)
+    lo = torch.where(phi > 0, mu, lo)
+    hi = torch.where(phi <= 0, mu, hi)
+    step = mu - phi / dphi
+    inside = (step >= lo) & (step <= hi)
+    bad = move & ((mu * zn - tau).abs() > tol * tau)
+    return torch.where(move, torch.where(inside, step, 0.5 * (lo + hi)), mu), lo, hi, bad
 
 
 # ----------------------------------------------------------------------------- reductions
@@ -175,7 +211,7 @@ def solve_pg(probs: list[Subproblem], comm: Reducer = LOCAL, max_iters: int = 10
             p, s = probs[live[k]], S[live[k]]
             s1, s2, s3 = sums[k]
             nrm = s1.sqrt()
-            f = (1.0 - s["eta"] * p.tau / nrm.clamp_min(1e-300)).clamp_min_(0.0)
+            f = shrink_factor(nrm, s["eta"] * p.tau)
             qg = 0.5 * f * f * s2 - f * s3 + p.tau * f * nrm  # per-group Q terms of Z^j = f∘Y
             s["prev"], p.z = p.z, s["prev"]
             p.groups.mul(s["Y"], f, out=p.z)  # Z^j, group soft-threshold
@@ -204,7 +240,7 @@ def _decide(S, idx, vals, j, rtol, residual_tol):
         if residual_tol is not None:
             stop = math.sqrt(max(res, 0.0)) <= residual_tol[i]
         else:
-            stop = j >= 2 and (s["q"][-2] - q) / (abs(q) + 1.0) < rtol
+            stop = pg_should_stop(s["q"][-2] if len(s["q"]) >= 2 else math.nan, q, j, rtol)
         if stop:
             s["done"], s["it"] = True, j
 
@@ -284,16 +320,8 @@ def solve_exact(probs: list[Subproblem], comm: Reducer = LOCAL, max_iters: int =
             p, s = probs[i], S[i]
             if s["conv_at"] is not None:  # converged at the previous iteration: μ stays
                 continue
-            act, mu = s["act"], s["mu"]
-            zn = z2.clamp_min(1e-300).sqrt()
-            phi = 1.0 / zn - mu / p.tau
-            dphi = z3 / (zn * zn * zn) - 1.0 / p.tau  # d/dμ (1/‖Z‖) − 1/τ  (< 0)
-            s["lo"] = torch.where(phi > 0, mu, s["lo"])
-            s["hi"] = torch.where(phi <= 0, mu, s["hi"])
-            step = mu - phi / dphi
-            inside = (step >= s["lo"]) & (step <= s["hi"])
-            s["mu"] = torch.where(act, torch.where(inside, step, 0.5 * (s["lo"] + s["hi"])), mu)
-            bad = act & ((mu * zn - p.tau).abs() > tol * p.tau)
+            s["mu"], s["lo"], s["hi"], bad = newton_update(s["mu"], s["lo"], s["hi"], z2, z3,
+                                                           p.tau, s["act"], tol)
             unconverged.append(_owned(p, bad.to(F64)).sum().view(1))
             updated.append(i)
         if not delayed:
@@ -335,7 +363,7 @@ def group_soft_threshold(xs, groups_list, taus, comm: Reducer = LOCAL, probs=Non
     if probs is not None:
         sq, _ = _combine(comm, probs, sq)
     for x, g, tau, (s,) in zip(xs, groups_list, taus, sq):
-        f = (1.0 - tau / s.sqrt().clamp_min(1e-300)).clamp_min_(0.0)
+        f = shrink_factor(s.sqrt(), tau)
         g.mul(x, f, out=x)
 
 
@@ -359,7 +387,7 @@ def solve_nuclear_pg(p: Subproblem, shape, max_iters: int = 100, rtol: float = 1
         z.copy_(z_new)
         q = ((0.5 * P * z - b) * z).sum(dtype=F64).item() + (0.0 if p.const is None else p.const.sum(dtype=F64).item()) + \
             p.tau * torch.linalg.matrix_norm(z, ord="nuc").item()
-        if it >= 2 and (q_prev - q) / (abs(q) + 1.0) < rtol:
+        if pg_should_stop(q_prev, q, it, rtol):
             break
         q_prev = q
     return SolverStats(it, rank, min(shape) - rank, math.nan, q)

@@ -127,7 +127,14 @@ def test_float64_and_unsupported_settings_take_the_torch_path():
                 inexact_eps0=1e-3)
     net.weight.grad, net.bias.grad = torch.ones_like(net.weight), torch.ones_like(net.bias)
     opt.step()
-    assert native.CALLS[0] == before  # condition (7) stop: the torch path
+    # condition (7) stop: the torch path, for the regularized group only (the same rule as under
+    # a sharded view); the bias' unregularized group has no PG and takes the kernels' one pass
+    from ramda_ds.optim.fast import tensor_paths
+    assert [tensor_paths(opt, g) for g in opt.param_groups] == [
+        [("native", None)], [("torch", "inexact_eps0 (condition (7) stopping)")]]
+    assert native.CALLS[0] == before + 1
+    assert opt.last_stats["weight"].iterations == 1  # condition (7) stopped it; the paper's
+    #                                                   rule (the kernels') never stops before 2
 
 
 def test_auto_uses_native_on_cpu_and_native_refuses_other_devices():

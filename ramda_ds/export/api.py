@@ -11,24 +11,23 @@ written under a temporary name and renamed at the end, so a refusal leaves nothi
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from . import prune as P
 
+from . import txl
+from .common import (RTOL, TOKENIZER_FILES, ExportError, check_shapes,  # noqa: F401 (re-exported)
+                     copy_tokenizer, format_report, write_atomically)
+
 TEMPLATE = Path(__file__).with_name("modeling_ramda_pruned.py")
-RTOL = 1e-5
 PER_LAYER_CLASSES = {"llama": ("RamdaPrunedLlamaConfig", "RamdaPrunedLlamaForCausalLM"),
                      "gpt2": ("RamdaPrunedGPT2Config", "RamdaPrunedGPT2LMHeadModel")}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
-
-
-class ExportError(ValueError):
-    """The input cannot be exported as asked; nothing was written."""
+# families whose export is their own (a model of this project, not a transformers one): each has
+# ``matches(config)`` and ``export(tensors, out, config, **options)``
+OWN_FAMILIES = (txl.TXL,)
 
 
 # ---------------------------------------------------------------------------- sources
@@ -41,13 +40,13 @@ def find_checkpoint(path) -> tuple[str, Path]:
     checkpoint written by RamdaTrainer (``checkpoint-N/`` with ``ramda_ds_trainer.json``), also
     the newest one under a Trainer output_dir."""
     from ..checkpoint import CheckpointError
-    from ..training.run_checkpoint import LATEST, MANIFEST, _read_latest
+    from ..run_format import LATEST, MANIFEST, read_latest
 
     p = Path(path)
     try:
         for root in (p, p / "checkpoints"):
             if (root / LATEST).exists():
-                return "run", root / _read_latest(root)
+                return "run", root / read_latest(root)
     except CheckpointError as e:
         raise ExportError(str(e)) from None
     if (p / MANIFEST).exists():
@@ -81,9 +80,9 @@ def read_checkpoint(path, weights: str = "structured"):
 
 def read_run(ckpt: Path) -> tuple[dict, list[Path]]:
     """A run checkpoint, verified as a resume verifies it (manifest hash and fields, sha256 of
-    every file: :func:`ramda_ds.training.run_checkpoint.read_verified_manifest`)."""
+    every file: :func:`ramda_ds.run_format.read_verified_manifest`)."""
     from ..checkpoint import CheckpointError
-    from ..training.run_checkpoint import read_verified_manifest
+    from ..run_format import read_verified_manifest
 
     try:
         m = read_verified_manifest(ckpt)
@@ -162,14 +161,13 @@ def export_run(checkpoint, out, *, layout="per_layer", multiple_of=1, weights="s
     tensors, info, ckpt = read_checkpoint(checkpoint, weights)
     source = {k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()
               if k not in ("run_dir", "model_config", "base_model")}
-    txl = txl_config(base_model) if base_model else info["model_config"]
-    if txl:  # the project's Transformer-XL (launch/train_lm.py records its config)
-        from . import txl as T
-
+    own = own_family(base_model, info["model_config"])
+    if own is not None:  # e.g. the project's Transformer-XL (launch/train_lm.py records its config)
+        fam, cfg = own
         if base_model:
             source["base_model"] = str(base_model)
-        return T.export(tensors, out, txl, layout=layout, multiple_of=multiple_of,
-                        weights=weights, source=source, run_dir=info["run_dir"], verbose=verbose)
+        return fam.export(tensors, out, cfg, layout=layout, multiple_of=multiple_of,
+                          weights=weights, source=source, run_dir=info["run_dir"], verbose=verbose)
     base = base_model or info["base_model"]
     if not base:
         where = (f"the setup row of {info['run_dir'] / 'metrics.jsonl'}" if info["kind"] == "run"
@@ -185,26 +183,36 @@ def export_run(checkpoint, out, *, layout="per_layer", multiple_of=1, weights="s
                           verbose=verbose)
 
 
+def own_family(base_model, recorded_config):
+    """``(family, config)`` when the model is one of :data:`OWN_FAMILIES` — read from
+    ``base_model/config.json`` when a base model is given, else the config the run recorded —
+    or None (a transformers model)."""
+    cfg = recorded_config
+    if base_model:
+        try:
+            cfg = json.loads((Path(base_model) / "config.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+    for fam in OWN_FAMILIES if cfg else ():
+        if fam.matches(cfg):
+            return fam, cfg
+    return None
+
+
 def txl_config(base_model) -> dict | None:
     """The config of a saved ``TransfoXLLM`` directory, or None (not one)."""
-    from .txl import is_txl_config
-
-    f = Path(base_model) / "config.json"
-    try:
-        d = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return d if is_txl_config(d) else None
+    own = own_family(base_model, None)
+    return own[1] if own is not None and own[0] is txl.TXL else None
 
 
 def export_model(model, optimizer, out, *, layout="per_layer", multiple_of=1,
                  weights="structured", base_model=None, verbose=True) -> dict | None:
     """Export a live (possibly sharded) model and its ramda_ds optimizer. Every rank must call it
     (the state is all-gathered); rank 0 writes and returns the report, other ranks None."""
+    from ..optim.base import find_structured
     from ..sharding.gather import gather_full_state
-    from ..training.loop import unwrap
 
-    opt = unwrap(optimizer)
+    opt = find_structured(optimizer)
     if opt is None:
         raise ExportError(f"{type(optimizer).__name__} is not a ramda_ds optimizer: no group "
                           "structure to export")
@@ -221,28 +229,18 @@ def export_model(model, optimizer, out, *, layout="per_layer", multiple_of=1,
         raise ExportError(f"{type(model).__name__} has no HF config: export needs a "
                           "transformers PreTrainedModel")
     tensors = pick(state, weights, type(opt).__name__)
-    from .txl import is_txl_config
-
-    if is_txl_config(inner.config):
-        from . import txl as T
-
-        return T.export(tensors, Path(out), inner.config, layout=layout, multiple_of=multiple_of,
-                        weights=weights, source=dict(optimizer=type(opt).__name__, live=True),
-                        verbose=verbose)
+    for fam in OWN_FAMILIES:
+        if fam.matches(inner.config):
+            return fam.export(tensors, Path(out), inner.config, layout=layout,
+                              multiple_of=multiple_of, weights=weights,
+                              source=dict(optimizer=type(opt).__name__, live=True),
+                              verbose=verbose)
     return export_weights(tensors, Path(out), config=inner.config, base_model=base_model,
                           layout=layout, multiple_of=multiple_of, weights=weights,
                           source=dict(optimizer=type(opt).__name__, live=True), verbose=verbose)
 
 
 # ---------------------------------------------------------------------------- the export
-def check_shapes(tensors: dict, params: dict) -> None:
-    """ExportError naming the first tensor whose shape differs from the model's parameter."""
-    for n, t in tensors.items():
-        if tuple(t.shape) != tuple(params[n].shape):
-            raise ExportError(f"the checkpoint is of a different model: {n} has shape "
-                              f"{list(t.shape)}, the model's is {list(params[n].shape)}")
-
-
 def dense_model(tensors: dict, config=None, base_model=None):
     """The dense HF model carrying ``tensors`` (fp32); parameters the optimizer did not hold
     (frozen ones) come from ``base_model``. Refuses a checkpoint of another model."""
@@ -368,38 +366,6 @@ def export_weights(tensors: dict, out: Path, *, config=None, base_model=None, la
     return report
 
 
-def write_atomically(out: Path, write) -> None:
-    """``write(tmp)`` into a hidden temporary directory next to ``out``, renamed to ``out`` at the
-    end; on any error the temporary directory goes and ``out`` does not appear."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        write(tmp)
-        if out.exists():
-            raise ExportError(f"output directory {out} appeared while exporting; nothing written")
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def copy_tokenizer(base_model, run_dir, dest: Path, modulo: bool = True) -> str | None:
-    """The base model's HF tokenizer, else the SentencePiece model the run trained (its ids were
-    taken modulo the vocabulary), else None."""
-    if base_model and any((Path(base_model) / f).exists() for f in TOKENIZER_FILES):
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(base_model).save_pretrained(dest)
-        return f"from {base_model}"
-    if run_dir is not None:
-        sp = sorted((Path(run_dir) / "data").glob("sp*.model"))
-        if sp:
-            shutil.copy(sp[-1], dest / "sentencepiece.model")
-            return (f"sentencepiece.model: trained by the run ({sp[-1]})" +
-                    ("; ids are taken modulo vocab_size" if modulo else ""))
-    return None
-
-
 def make_report(fam, cfg, sd, pruned, keeps, zeros, sizes, layout, multiple_of, weights, rel,
                 source, from_base) -> dict:
     s = fam.sizes(cfg)
@@ -418,16 +384,3 @@ def make_report(fam, cfg, sd, pruned, keeps, zeros, sizes, layout, multiple_of, 
                 kept_fraction=round(after["total"] / before["total"], 6),
                 logits_max_rel_diff=rel, layers=layers, source=source or {},
                 taken_from_base_model=from_base)
-
-
-def format_report(r: dict) -> str:
-    lines = [f"export ({r['layout']}, weights: {r['weights']}): layer  FFN kept/total  heads "
-             "kept/total  K/V  params after/before"]
-    for x in r["layers"]:
-        lines.append(f"  {x['layer']:3d}  {x['ffn'][0]:6d}/{x['ffn'][1]:<6d} {x['heads'][0]:3d}/"
-                     f"{x['heads'][1]:<3d} {x['kv_heads'][0]:3d}/{x['kv_heads'][1]:<3d} "
-                     f"{x['params'][0]:,}/{x['params'][1]:,}")
-    lines.append(f"  total parameters {r['params_after']:,} / {r['params_before']:,} "
-                 f"({100 * r['kept_fraction']:.1f}% kept); logits max rel diff "
-                 f"{r['logits_max_rel_diff']:.1e}")
-    return "\n".join(lines)

@@ -25,9 +25,26 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .common import RTOL, ExportError, check_shapes, copy_tokenizer, format_report, write_atomically
 from .prune import Family, PruneError, live_counts, parameter_counts
 
-TXL = Family("transfo_xl", "layers.{i}.")  # only its layer prefix is used (parameter counts)
+
+class TransfoXLFamily(Family):
+    """The project's Transformer-XL as an export family: its sizes, how to recognise its config,
+    and its own export (:func:`export`: its model is not a transformers one)."""
+
+    def sizes(self, cfg) -> dict:
+        return dict(hidden=cfg.d_model, layers=cfg.n_layer, ffn=cfg.d_inner, heads=cfg.n_head,
+                    kv=cfg.n_head, head_dim=cfg.d_head)
+
+    def matches(self, cfg) -> bool:
+        return is_txl_config(cfg)
+
+    def export(self, tensors: dict, out: Path, cfg, **options) -> dict:
+        return export(tensors, out, cfg, **options)
+
+
+TXL = TransfoXLFamily("transfo_xl", "layers.{i}.")
 
 
 def is_txl_config(d) -> bool:
@@ -135,7 +152,6 @@ def dense_model(tensors: dict, cfg):
     """The Transformer-XL carrying ``tensors`` (fp32, eval); refuses a checkpoint of another
     model."""
     from ..models import TransfoXLLM
-    from .api import ExportError, check_shapes
 
     torch.manual_seed(0)  # the init is overwritten; seeded so that nothing random leaks in
     model = TransfoXLLM(cfg).float()
@@ -173,7 +189,6 @@ def export(tensors: dict, out: Path, cfg, *, layout="per_layer", multiple_of=1,
     ``model.safetensors`` (``TransfoXLLM.save_pretrained``), the run's tokenizer and
     ``pruning.json``."""
     from ..models import TransfoXLConfig, TransfoXLLM
-    from .api import RTOL, ExportError, format_report, write_atomically
 
     out = Path(out)
     if out.exists():
@@ -215,8 +230,6 @@ def export(tensors: dict, out: Path, cfg, *, layout="per_layer", multiple_of=1,
         print(format_report(report), flush=True)
 
     def write(tmp: Path):
-        from .api import copy_tokenizer
-
         pruned.save_pretrained(tmp)
         report["tokenizer"] = copy_tokenizer(None, run_dir, tmp, modulo=False)
         (tmp / "pruning.json").write_text(json.dumps(report, indent=1))

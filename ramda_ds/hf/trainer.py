@@ -31,7 +31,6 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from transformers import Trainer
@@ -138,17 +137,17 @@ class RamdaMixin:
     # ------------------------------------------------------------------ optimizer and view
     def create_optimizer(self, model=None):
         if self.optimizer is None:
-            from ..training.launch import make_optimizer
+            from ..optim.config import OptimizerConfig, make_optimizer
 
             model = self.model if model is None else model
             r = self.ramda
-            a = SimpleNamespace(optimizer=r.optimizer, lr=self.args.learning_rate,
-                                momentum=r.momentum, solver=r.solver, backend=r.backend,
-                                milestones=",".join(map(str, r.milestones)))
+            cfg = OptimizerConfig(name=r.optimizer, lr=self.args.learning_rate,
+                                  momentum=r.momentum, milestones=tuple(r.milestones),
+                                  solver=r.solver, backend=r.backend,
+                                  keep_structured=r.optimizer == "ramda")
             self._partitioned_at_load = sum(hasattr(p, "ds_shape") for p in model.parameters())
-            self.optimizer = make_optimizer(a, model, lambda m: target_groups(
-                unit_param_groups(m, 1.0 if r.target else r.lam, r.units, r.groups), r.target),
-                keep_structured=r.optimizer == "ramda")
+            self.optimizer = make_optimizer(cfg, target_groups(unit_param_groups(
+                model, 1.0 if r.target else r.lam, r.units, r.groups), r.target))
             self.ramda_view = None
         return self.optimizer
 

@@ -29,9 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCHES, interpreting
+from .device import LAUNCHES, interpreting
 from ..groups import GroupLayout
-from ..solvers import SolverStats
+from ..solvers import SolverStats, newton_update
 
 # tile: BA rows (or inner elements) × BC groups; the interpreter runs a program's loop in Python,
 # so it gets bigger tiles (fewer iterations)
@@ -190,50 +190,32 @@ def _launch(kernel, grid, *args):
     kernel[grid](*args, BA=BA, BC=BC, NP=8)
 
 
-def ramda_exact_step(opt, group, present, max_iters: int = 50) -> bool:
-    """One RAMDA step of ``group`` with the exact solver; False (nothing done) if not eligible."""
-    from ..optim.base import group_tau, is_regularized
-
-    from .table import why_not
-
-    todo, dev0 = [], None
-    for k, p, w, g in opt._params(group, present):  # check everything before changing anything
-        segs = opt._segments(group, p, k)
-        reg = [s for s in segs if is_regularized(group, s)]
-        dev0 = w.device if dev0 is None else dev0
-        if (why_not(opt, group, k, p, w) is not None or w.device != dev0
-                or g.dtype != torch.float32 or g.device != w.device):
-            opt._writeback.clear()
-            return False
-        # unregularized: one pseudo-group with τ = 0, μ = 0, so Ŵ = b/P = W0 − V/P
-        todo.append((p, w, g.contiguous(), reg[0] if reg else None))
-    if not todo:
-        return True
-    dev = todo[0][1].device
-    ptrs, geom, scal, taus, stats_meta, goff = [], [], [], [], [], 0
-    for p, w, g, seg in todo:
-        st = opt.local_state(p, w)
-        stage, i = opt._advance(group, st)
-        s = opt._decayed(group, "lr", stage) * math.sqrt(i)
-        st["alpha"] += s
+def run(plan, max_iters: int = 50) -> list:
+    """One RAMDA step of an unsharded plan with the exact solver (or of an unregularized group):
+    ``[(segment, SolverStats)]``.  Unregularized tensors are one pseudo-group with τ = 0, so
+    μ = 0 and ``Ŵ = b/P``."""
+    dev = plan.device
+    ptrs, geom, scal, taus, meta, goff = [], [], [], [], [], 0
+    for ts in plan.tensors:
+        w = ts.w
+        pr = ts.problems[0] if ts.problems else None
         P, b = torch.empty_like(w), torch.empty_like(w)
-        z = torch.empty_like(w)
-        lay = seg.groups.layout if seg is not None else GroupLayout(1, 1, w.numel())
-        ptrs.append([g.data_ptr(), st["grad_sum"].data_ptr(), st["grad_sq_sum"].data_ptr(),
-                     st["initial"].data_ptr(), P.data_ptr(), b.data_ptr(), w.data_ptr(),
-                     z.data_ptr()])
+        z = ts.z if ts.z is not None else torch.empty_like(w)
+        lay = pr.seg.groups.layout if pr is not None else GroupLayout(1, 1, w.numel())
+        ptrs.append([ts.g.data_ptr(), ts.s1.data_ptr(), ts.s2.data_ptr(), ts.W0.data_ptr(),
+                     P.data_ptr(), b.data_ptr(), w.data_ptr(), z.data_ptr()])
         geom.append(list(_geom(lay)) + [goff])
-        scal.append([s, opt._decayed(group, "eps", stage), opt._c(group, stage, i), 0.0])
-        taus.append(group_tau(group, seg, st["alpha"].item()) if seg is not None else 0.0)
-        stats_meta.append((p, w, st, z, seg, lay, (P, b, g)))  # keep the buffers alive
+        scal.append(list(ts.scalars) + [0.0])
+        taus.append(pr.tau if pr is not None else 0.0)
+        meta.append((pr, lay, (P, b, z, ts.g)))  # keep the buffers alive
         goff += lay.groups
-    T, G = len(todo), goff
+    T, G = len(plan.tensors), goff
     ptrs = torch.tensor(ptrs, dtype=torch.int64, device=dev)
     geom = torch.tensor(geom, dtype=torch.int64, device=dev)
     scal = torch.tensor(scal, dtype=torch.float32, device=dev)
     grid = (max(triton.cdiv(gm[2], BC) for gm in geom.tolist()), T)  # (blocks, tensors)
     tid = torch.repeat_interleave(torch.arange(T, device=dev),
-                                  torch.tensor([m[5].groups for m in stats_meta], device=dev))
+                                  torch.tensor([m[1].groups for m in meta], device=dev))
     tau_t = torch.tensor(taus, dtype=F64, device=dev)
     tau = tau_t[tid]
     bb, pmax, pmin = (torch.empty(G, dtype=F64, device=dev), torch.empty(G, device=dev),
@@ -245,14 +227,15 @@ def ramda_exact_step(opt, group, present, max_iters: int = 50) -> bool:
     lo = torch.where(act, tau * pmin.to(F64) / excess, 0.0)
     hi = torch.where(act, tau * pmax.to(F64) / excess, 0.0)
     lo0, hi0 = lo, hi
-    warm = opt.__dict__.setdefault("_warm_mu", {}) if group.get("warm_start") else None
-    # one position vector per table (the same tensors in the same order: one op, not one per tensor)
-    key = tuple((m[4].name if m[4] is not None else None, m[5].groups) for m in stats_meta)
-    last = warm.get(key) if warm is not None else None
-    if last is not None and last.numel() == G:  # where each root sat in its bracket last step
-        mu = torch.lerp(lo, hi, last.clamp(0.0, 1.0))
-    else:  # cold: the bracket's upper end
-        mu = hi.clone()
+    mu = hi.clone()  # cold: the bracket's upper end
+    if plan.warm is not None:  # where each root sat in its bracket last step (1: the upper end)
+        parts = [plan.warm.get((pr.seg.name, pr.seg.lo, pr.seg.hi)) if pr is not None else None
+                 for pr, _, _ in meta]
+        if any(q is not None for q in parts):
+            at = torch.cat([q.to(device=dev, dtype=F64) if q is not None and q.numel() == lay.groups
+                            else torch.ones(lay.groups, dtype=F64, device=dev)
+                            for q, (_, lay, _) in zip(parts, meta)])
+            mu = torch.lerp(lo, hi, at.clamp(0.0, 1.0))
     tol = 8 * torch.finfo(torch.float32).eps
     live_t = tau_t > 0
     conv_at = [None if tj > 0 else 0 for tj in taus]
@@ -261,57 +244,19 @@ def ramda_exact_step(opt, group, present, max_iters: int = 50) -> bool:
         if all(cv is not None for cv in conv_at):
             break
         _launch(_newton, grid, ptrs, geom, mu, z2, z3)
-        zn = z2.clamp_min(1e-300).sqrt()
-        phi = 1.0 / zn - mu / tau
-        dphi = z3 / (zn * zn * zn) - 1.0 / tau
-        lo = torch.where(phi > 0, mu, lo)
-        hi = torch.where(phi <= 0, mu, hi)
-        step = mu - phi / dphi
-        inside = (step >= lo) & (step <= hi)
-        upd = act & live_t[tid]
-        bad = upd & ((mu * zn - tau).abs() > tol * tau)
-        mu = torch.where(upd, torch.where(inside, step, 0.5 * (lo + hi)), mu)
+        mu, lo, hi, bad = newton_update(mu, lo, hi, z2, z3, tau, act & live_t[tid], tol)
         left = torch.zeros(T, dtype=F64, device=dev).index_add_(0, tid, bad.to(F64))
         for j, n_bad in enumerate(left.tolist()):
             if conv_at[j] is None and n_bad == 0:
                 conv_at[j] = it
         live_t = torch.tensor([cv is None for cv in conv_at], device=dev)
     _launch(_finish, grid, ptrs, geom, scal, mu, act.to(torch.float32))
-    if warm is not None:
-        warm[key] = ((mu - lo0) / (hi0 - lo0)).nan_to_num_(1.0, 1.0, 1.0)
+    if plan.warm is not None:
+        at = ((mu - lo0) / (hi0 - lo0)).nan_to_num_(1.0, 1.0, 1.0)
+        for (pr, _, _), part in zip(meta, at.split([m[1].groups for m in meta])):
+            if pr is not None:
+                plan.warm[(pr.seg.name, pr.seg.lo, pr.seg.hi)] = part.clone()
     n_act = torch.zeros(T, dtype=F64, device=dev).index_add_(0, tid, act.to(F64)).tolist()
-    for j, (p, w, st, z, seg, lay, _) in enumerate(stats_meta):
-        n = lay.groups
-        if seg is not None:
-            opt.last_stats[seg.name] = SolverStats(conv_at[j] if conv_at[j] is not None else max_iters,
-                                                   round(n_act[j]), n - round(n_act[j]), 0.0,
-                                                   math.nan)
-        if group["keep_structured"]:
-            opt.state[p]["structured"] = opt.view.wrap_state(p, z)
-        opt._maybe_restart(group, st, w)
-    return True
-
-
-def self_test(device) -> bool:
-    """Two RAMDA steps of a tiny model with backend ``"triton"`` and ``"torch"`` on ``device``,
-    for each solver (the exact kernels here, PG's in :mod:`.triton_pg`); True when the kernels
-    ran and the weights agree to 1e-5."""
-    from ..optim import RAMDA
-    from ..param_groups import build_param_groups
-    from .native import _seeded_linear
-
-    for solver in ("exact", "pg"):
-        nets = []
-        for backend in ("torch", "triton"):
-            net = _seeded_linear(16, 24, device)  # (the caller's global RNG is left alone)
-            opt = RAMDA(build_param_groups(net, "group_lasso", lam=1e-2), lr=0.05, solver=solver,
-                        backend=backend)
-            g = torch.Generator(device="cpu").manual_seed(1)
-            for _ in range(2):
-                net.weight.grad = torch.randn(24, 16, generator=g).to(device)
-                net.bias.grad = torch.randn(24, generator=g).to(device)
-                opt.step()
-            nets.append(net.weight.detach().cpu())
-        if not torch.allclose(nets[0], nets[1], rtol=1e-5, atol=1e-6):
-            return False
-    return True
+    return [(pr.seg, SolverStats(conv_at[j] if conv_at[j] is not None else max_iters,
+                                 round(n_act[j]), lay.groups - round(n_act[j]), 0.0, math.nan))
+            for j, (pr, lay, _) in enumerate(meta) if pr is not None]

@@ -6,7 +6,7 @@
   in cache, ``Ŵ`` and the averaging.  Newton stops when every group *of the block* has converged
   (the torch path: every group of the tensor), so μ equals the torch path's to the solver's
   tolerance (8 float32 ulps), not necessarily bitwise.
-* PG (the paper's stop rule): :func:`.table.solve_pg_chunked` with these kernels; ``P, b, Y, Y'``
+* PG (the paper's stop rule): :func:`.sharded.solve_pg` (its chunks) with these kernels; ``P, b, Y, Y'``
   are stored item-packed (each block contiguous), so a chunk's iterations run in cache.
 * Sharded views (:mod:`.sharded`): the same stage, finish and unregularized kernels on a table of
   pieces, and one pass per PG iteration (``ramda_pg_iter``) or Newton pass
@@ -19,19 +19,19 @@ stopping decisions are the torch path's to float32 rounding (bitwise on the test
 
 Each pass is one ctypes call per thread over a contiguous share of the work items (blocks of whole
 groups: no result depends on the number of threads); ctypes releases the GIL.  The library is
-compiled on first use (:mod:`.native_build`); :func:`available` says whether that worked and a
-small self test matched the torch path.
+compiled on first use (:mod:`.native_build`); :func:`ramda_ds.kernels.native_available` says
+whether that worked and the self-test (:mod:`.selftest`) matched the reference solvers.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from . import table
+from .interface import KernelSet
 
 F64 = torch.float64
 ITEM_ELEMENTS = 1 << 16
@@ -40,7 +40,6 @@ _TOL32 = 8 * torch.finfo(torch.float32).eps
 
 CALLS = [0]  # passes run (each one call per thread)
 _POOL: list = []
-_OK: dict = {}
 
 
 def _pool():
@@ -126,40 +125,31 @@ def _p(x):
     return 0 if x is None else x.data_ptr()
 
 
-def ramda_native_step(opt, group, present) -> set:
-    """One RAMDA step of the tensors of ``group`` the CPU kernels take; returns their ids."""
+def run_exact(plan, tab) -> list:
+    """One RAMDA step of an unsharded plan (its table ``tab``, built without scratch) with the
+    exact solver fused in one pass per block of groups (stage, screening, Newton and the finish
+    while the block is in cache); the unregularized rows in one pass before.
+    ``[(segment, SolverStats)]``."""
     from .native_build import load
 
-    if not table.eligible(opt, group):
-        return set()
-    pg = group["solver"] != "exact"
-    tab = table.build(opt, group, present, pg, device_type="cpu")
-    if not tab.rows:
-        return set()
     k = _Kernels(load(), tab)
     k.free()
-    tau_t = torch.tensor(tab.taus, dtype=F64)
-    T = len(tab.rows)
-    iters, act, q = [0] * T, torch.zeros(0, dtype=torch.bool), [math.nan] * T
-    if k.items.n:
-        if pg:
-            iters, act, q = table.solve_pg_chunked(k, opt, group, tab, tau_t)
-        else:
-            iters, act = _exact(opt, group, k, tab, tau_t)
-    table.record(opt, group, tab, iters, act, q)
-    return tab.handled
+    if not k.items.n:
+        return []
+    iters, act = _exact(plan, k, tab, k.tau_t)
+    return table.stats(tab, iters, act, [math.nan] * len(tab.rows))
 
 
-class _Kernels:
-    """The C kernels bound to one step's table (the kernel set of :func:`table.solve_pg_chunked`)."""
+class _Kernels(KernelSet):
+    """The C kernels bound to one step's table (:class:`.interface.KernelSet`)."""
 
     def __init__(self, lib, tab):
         self.lib, self.tab = lib, tab
         self.ptrs = torch.tensor(tab.ptrs, dtype=torch.int64)
         self.geom = torch.tensor(tab.geom, dtype=torch.int64)
         self.scal = torch.tensor(tab.scal, dtype=F64)
-        self.items = _items_for(tab.geom, [t for t, r in enumerate(tab.rows) if r[4] is not None])
-        self.free_items = _items_for(tab.geom, [t for t, r in enumerate(tab.rows) if r[4] is None])
+        self.items = _items_for(tab.geom, [t for t, r in enumerate(tab.rows) if r.seg is not None])
+        self.free_items = _items_for(tab.geom, [t for t, r in enumerate(tab.rows) if r.seg is None])
         self.head = (self.ptrs.data_ptr(), self.geom.data_ptr())
         self.head3 = self.head + (self.scal.data_ptr(),)
         self.spares = []
@@ -180,7 +170,7 @@ class _Kernels:
         return self.lib.ramda_pg_stage, self.head3
 
     def spare(self, t):
-        self.spares.append(torch.empty_like(self.tab.rows[t][1]))
+        self.spares.append(torch.empty_like(self.tab.rows[t].w))
         self.ptrs[t, table.COL_Y2] = self.spares[-1].data_ptr()
 
     def chunk(self, n, f, eta, src, dst):
@@ -227,25 +217,6 @@ class _Kernels:
         _run(self.lib.ramda_pg_finish, self.head3, self.items, f.data_ptr(), yc.data_ptr())
 
 
-def proxgen_native_step(opt, group, present) -> set:
-    """One ProxGen step (PG) of the tensors of ``group`` the CPU kernels take; returns their ids."""
-    from .native_build import load
-
-    if not table.eligible(opt, group) or group["solver"] == "exact":
-        return set()
-    tab = table.build_proxgen(opt, group, present)
-    if not tab.rows:
-        return set()
-    k = _ProxGenKernels(load(), tab)
-    k.free()
-    T = len(tab.rows)
-    iters, act, q = [0] * T, torch.zeros(0, dtype=torch.bool), [math.nan] * T
-    if k.items.n:
-        iters, act, q = table.solve_pg_chunked(k, opt, group, tab, k.tau_t)
-    table.record(opt, group, tab, iters, act, q, restarts=False)
-    return tab.handled
-
-
 class _ProxGenKernels(_Kernels):
     """ProxGen's stage (AdamW's moments and D) with RAMDA's PG chunks and finish (c = 1)."""
 
@@ -261,10 +232,10 @@ class _ProxGenKernels(_Kernels):
         return self.lib.proxgen_pg_stage, self.headp
 
 
-def _exact(opt, group, k, tab, tau_t, max_iters=50):
-    regs = [(t, r[4]) for t, r in enumerate(tab.rows) if r[4] is not None]
+def _exact(plan, k, tab, tau_t, max_iters=50):
+    regs = [(t, r.seg) for t, r in enumerate(tab.rows) if r.seg is not None]
     G = tab.G
-    warm = opt._warm_roots if group.get("warm_start") else None
+    warm = plan.warm
     pos_in = None
     if warm is not None:  # where each group's root sat in its bracket last step (1: the end)
         parts = [warm.get((seg.name, seg.lo, seg.hi)) for _, seg in regs]
@@ -282,53 +253,3 @@ def _exact(opt, group, k, tab, tau_t, max_iters=50):
     per_t = torch.zeros(len(tab.rows), dtype=torch.int64).scatter_reduce_(
         0, k.items.tensor, passes.to(torch.int64), "amax").tolist()
     return per_t, act > 0
-
-
-def available() -> bool:
-    """Whether the C kernels compile here and a tiny RAMDA run (PG and exact) matches torch; once
-    per process.  ``backend="auto"`` uses them on CPU only then (else warns and uses torch)."""
-    if "ok" not in _OK:
-        try:
-            from .native_build import load
-
-            load()
-            _OK["ok"] = self_test()
-            if not _OK["ok"]:
-                warnings.warn("ramda_ds: the native CPU kernels do not match the torch step on "
-                              "this machine; using torch")
-        except Exception as e:  # noqa: BLE001 - no compiler, a failed compile: use torch
-            warnings.warn(f"ramda_ds: the native CPU kernels are unavailable ({e}); using torch")
-            _OK["ok"] = False
-    return _OK["ok"]
-
-
-def self_test() -> bool:
-    """Two RAMDA steps of a tiny model with backends ``"torch"`` and ``"native"``, for each
-    solver; True when the weights agree to 1e-5."""
-    from ..optim import RAMDA
-    from ..param_groups import build_param_groups
-
-    for solver in ("pg", "exact"):
-        nets = []
-        for backend in ("torch", "native"):
-            net = _seeded_linear(16, 24)  # (the caller's global RNG is left alone)
-            opt = RAMDA(build_param_groups(net, "group_lasso", lam=1e-2), lr=0.05, solver=solver,
-                        backend=backend)
-            g = torch.Generator().manual_seed(1)
-            for _ in range(2):
-                net.weight.grad = torch.randn(24, 16, generator=g)
-                net.bias.grad = torch.randn(24, generator=g)
-                opt.step()
-            nets.append(net.weight.detach().clone())
-        if not torch.allclose(nets[0], nets[1], rtol=1e-5, atol=1e-6):
-            return False
-    return True
-
-
-def _seeded_linear(n_in, n_out, device="cpu"):
-    net = torch.nn.utils.skip_init(torch.nn.Linear, n_in, n_out, device=device)  # no RNG draw
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        net.weight.copy_(torch.randn(n_out, n_in, generator=g) * 0.2)
-        net.bias.copy_(torch.randn(n_out, generator=g) * 0.2)
-    return net

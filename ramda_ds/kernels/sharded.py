@@ -5,8 +5,9 @@ segment's groups are cut into at most five pieces ``[rows, ncols, inner]``
 (:class:`ramda_ds.groups.SegmentGroups`).  The table's rows are those pieces, plus *free* rows
 for the rest of the tensor (unregularized segments, padding: ``Ŵ = W0 − V/P`` as on the torch
 path), so the stage, finish and unregularized kernels of :mod:`.native` and :mod:`.triton_pg`
-run on it unchanged.  Only PG differs from :func:`.table.solve_pg_chunked`: a group that spans
-ranks is complete only after an all-reduce, so :func:`solve_pg` runs one iteration per pass:
+run on it unchanged.  An unsharded plan is the special case of whole tensors (one piece per
+regularized tensor, no spanning group).  PG: a group that spans ranks is complete only after an
+all-reduce, so :func:`solve_pg` runs one iteration per pass for those problems:
 
 * pass j (``k.iterate``): ``Z = f_{j−1}∘Y_{j−1}``, ``Y_j = ηb + (1 − ηP)∘Z``, and per row slot the
   partial sums ``ΣY², ΣPY², ΣbY``;
@@ -17,7 +18,7 @@ ranks is complete only after an all-reduce, so :func:`solve_pg` runs one iterati
 
 Problems with no spanning group (a parameter whole on one ZeRO-1/2 partition, an FSDP2
 ``Shard(1)`` column block, a replicated tensor) have each group complete in one row, so they run
-PG as *chunks* instead (:func:`_chunks`, the scheme of :func:`.table.solve_pg_chunked`): several
+PG as *chunks* instead (:func:`_chunks`, the scheme described in :mod:`.table`): several
 iterations per pass in cache and one all-reduce per chunk for their shares of ``Q``.
 
 A *problem* is one regularized segment (empty ones included), exactly as on the torch path; every
@@ -29,46 +30,24 @@ per iteration is a fixed number of ops on concatenated vectors, whatever the num
 no communication and stop on their own ``Q``, as on the torch path.  The all-reduce carries the
 spanning groups of the problems still iterating, as the torch path's does.
 
-Which tensors qualify is decided from properties every rank shares (dtypes, contiguity, state),
-never from the local shard, so no rank takes the torch path while another takes this one.
+Which tensors take the kernels is the optimizer's decision (:func:`ramda_ds.optim.fast.select`),
+made from properties every rank shares (dtypes, contiguity, state), never from the local shard,
+so no rank takes the torch path while another takes this one; this module runs the plan it
+builds (:mod:`.plan`).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
 
 from ..groups import GroupLayout
-from ..solvers import SolverStats
+from ..solvers import SolverStats, newton_update, pg_should_stop, shrink_factor
 from . import table
 
 F64 = torch.float64
-
-
-def eligible(opt, group) -> str | None:
-    """Why this sharded group's step cannot run on the kernels at all, or None."""
-    unreg = group["lam"] == 0 or group["regularizer"] is None
-    if group["regularizer"] not in (None, "group_lasso") and not unreg:
-        return f"regularizer {group['regularizer']}"
-    if group.get("inexact_eps0") is not None and not unreg:
-        return "inexact_eps0 (condition (7) stopping)"
-    return None
-
-
-def why_not(opt, group, p, w, device_type: str | None = None) -> str | None:
-    """Why sharded tensor ``p`` (its flat local ``w``) cannot take the kernels, or None: from
-    properties every rank shares only, and without asking for segments (their first use is a
-    collective)."""
-    if p.dtype != torch.float32:
-        return f"param dtype {p.dtype}"
-    if not opt.view.local(p.detach()).is_contiguous():
-        return "not a contiguous row-major tensor (e.g. channels_last)"
-    if device_type is not None and w.device.type != device_type:
-        return f"on {w.device}, not {device_type}"
-    return table.state_problem(opt, p, w)
 
 
 @dataclass
@@ -177,70 +156,41 @@ class Sharded:
         return buf[n:] if scalars is not None else None
 
 
-def build(opt, group, present, kind: str, device_type: str | None):
-    """The pieces table of the tensors of ``group`` that qualify (:func:`why_not`), advancing
-    their step and α; ``kind``: ``"ramda"`` or ``"proxgen"``.  ``None`` when none qualifies."""
-    from ..optim.base import group_tau, is_regularized
-
-    todo, first, n_wb = [], None, len(opt._writeback)
-    for k, p, w, g in opt._params(group, present):
-        first = w.device if first is None else first
-        if why_not(opt, group, p, w, device_type) is None and w.device == first:
-            todo.append((k, p, w, g.contiguous()))
-    del opt._writeback[n_wb:]  # (only refused, non-contiguous tensors add entries)
-    if not todo:
-        return None
-    segments = [[seg for seg in opt._segments(group, p, k) if is_regularized(group, seg)]
-                for k, p, _, _ in todo]
-    # at most 5 pieces and a free row per segment and one free row per tensor: a bound that is
-    # the same on every rank (the views list the same segments everywhere), checked before any
-    # state changes, so all ranks fall back to torch together
-    bound = sum(6 * len(segs) for segs in segments) + len(todo)
-    if device_type is None and bound > 65535:
-        warnings.warn(f"ramda_ds: up to {bound} table rows, more than the 65535 of a CUDA grid's "
-                      "y dimension the Triton kernels use: this param group takes the torch path")
-        return None
-    comms = {id(c): c for segs in segments for c in map(opt.view.comm_for, segs)
-             if c.world_size > 1}
-    if len(comms) > 1:
-        raise RuntimeError("a sharded view named more than one reducer for one param group")
-    ramda, pg = kind == "ramda", group.get("solver", "pg") != "exact"
-    keep_z = ramda and group.get("keep_structured", False)
+def build(plan, scratch: bool = True):
+    """The table of a plan and its problems (one per :class:`.plan.Problem`): rows are pieces
+    of segments (sharded) or whole tensors (unsharded: one piece per regularized tensor), plus
+    free rows for everything unregularized.  ``scratch=False``: no ``P, b, Y`` (the fused native
+    exact solver packs its own)."""
+    ramda, pg = plan.kind == "ramda", plan.solver != "exact"
     rows, ptrs, geom, scal, pscal, taus, keep = [], [], [], [], [], [], []
     tensors, probs, row_prob, slot_ranges = [], [], [], []
     row_slot = prob_slot = 0
-    for (k, p, w, g), regs in zip(todo, segments):
-        if ramda:
-            st, sc, scale = table.ramda_tensor(opt, group, p, w)
-            make_ptrs = table.ramda_ptrs
-        else:
-            st, psc, scale = table.proxgen_tensor(opt, group, p, w)
-            sc, make_ptrs = [0.0, group["eps"], 1.0], table.proxgen_ptrs  # c = 1: W = Ŵ
-        z = torch.empty_like(w) if keep_z else None
-        P, b = (torch.empty_like(w), torch.empty_like(w)) if regs else (None, None)
-        Y = torch.empty_like(w) if pg and regs else None
-        keep.append((g, P, b, Y))
-        ti = len(tensors)
-        tensors.append((p, w, st, z))
+    for ti, ts in enumerate(plan.tensors):
+        w, regs = ts.w, ts.problems
+        P, b = (torch.empty_like(w), torch.empty_like(w)) if regs and scratch else (None, None)
+        Y = torch.empty_like(w) if pg and regs and scratch else None
+        keep.append((ts.g, P, b, Y))
+        tensors.append(ts)
 
         def add(off, n, lay, gslot, mode, tau, prob, seg):
             r = slice(off, off + n)
-            P_r, b_r, Y_r = ((None, None, None) if seg is None else  # (free rows: no scratch)
+            P_r, b_r, Y_r = ((None, None, None) if seg is None or P is None else  # (no scratch)
                              (P[r], b[r], None if Y is None else Y[r]))
-            ptrs.append(make_ptrs(g, st, w, P_r, b_r, z, Y_r, off))
+            ptrs.append(table.row_ptrs(ts, P_r, b_r, Y_r, off))
             geom.append([lay.rows, lay.groups, lay.inner, gslot])
-            scal.append(sc + [float(mode)])
-            if not ramda:
-                pscal.append(psc + [float(mode)])
+            sc, psc = table.row_scalars(plan, ts, mode)
+            scal.append(sc)
+            if psc is not None:
+                pscal.append(psc)
             taus.append(tau)
-            rows.append((p, w[r], st, z, seg, lay))
+            rows.append(table.Row(ti, w[r], seg, lay))
             row_prob.append(prob)
 
         covered = []
-        for seg in regs:
-            pr = Problem(seg, ti, prob_slot, seg.groups.num_groups if seg.numel else 0,
-                         group_tau(group, seg, scale), opt.view.comm_for(seg).world_size > 1,
-                         seg.span is None or seg.span.count == 0)
+        for prob in regs:
+            seg = prob.seg
+            pr = Problem(seg, ti, prob_slot, seg.groups.num_groups if seg.numel else 0, prob.tau,
+                         prob.delayed, seg.span is None or seg.span.count == 0)
             for pc in seg.groups.pieces if seg.numel else ():
                 add(seg.lo + pc.lo, pc.hi - pc.lo, GroupLayout(pc.rows, pc.ncols, pc.inner),
                     row_slot, table.MODE_PG if pg else table.MODE_EXACT, pr.tau, len(probs),
@@ -255,19 +205,14 @@ def build(opt, group, present, kind: str, device_type: str | None):
             if lo > at:
                 add(at, lo - at, GroupLayout(1, lo - at, 1), -1, table.MODE_FREE, 0.0, -1, None)
             at = max(at, hi)
-    tab = table.Table(rows, ptrs, geom, scal, taus, row_slot, keep)
-    tab.handled = {id(t[0]) for t in tensors}
-    if not ramda:
-        tab.pscal = pscal
-    cache = opt.__dict__.setdefault("_sharded_index", {}).setdefault(id(group), {})
-    return Sharded(tab, tensors, probs, row_prob, slot_ranges, next(iter(comms.values()), None),
-                   first, cache)
+    tab = table.Table(rows, ptrs, geom, scal, taus, row_slot, keep, pscal if not ramda else None)
+    return Sharded(tab, tensors, probs, row_prob, slot_ranges, plan.comm, plan.device, plan.cache)
 
 
-def solve_pg(k, group, sh: Sharded, opt):
+def solve_pg(k, plan, sh: Sharded):
     """PG (Alg. 2, the paper's stop rule) on every problem of ``sh`` with kernel set ``k``
     (``stage``, ``iterate``, ``spare``, ``finish``); the :class:`SolverStats` per problem."""
-    rtol, max_iters = group["rtol"], group["max_iters"]
+    rtol, max_iters = plan.rtol, plan.max_iters
     rb, rc, rp = k.stage()
     bb, cst, pmax = sh.to_problems(rb), sh.to_problems(rc), sh.to_problems(rp, "max")
     sh.complete(bb)  # screening: ‖b_g‖ > τ, complete over ranks
@@ -282,13 +227,13 @@ def solve_pg(k, group, sh: Sharded, opt):
     whole = [i for i, pr in enumerate(sh.probs) if pr.whole]
     f_rows = f[sh.slot_map].contiguous()  # the chunks' f, per row slot
     if whole:
-        _chunks(k, group, sh, opt, whole, f_rows, eta_rows, const.tolist(), iters, q_last, ycol)
+        _chunks(k, plan, sh, whole, f_rows, eta_rows, const.tolist(), iters, q_last, ycol)
     done = [pr.whole for pr in sh.probs]  # the loop below: problems with spanning groups
 
     def decide(which, q, j):  # q: complete Q(Z^j) per problem, identical on every rank
         for i in which:
             q_prev[i], q_last[i] = q_last[i], q[i]
-            if j >= 2 and (q_prev[i] - q[i]) / (abs(q[i]) + 1.0) < rtol:
+            if pg_should_stop(q_prev[i], q[i], j, rtol):
                 done[i], iters[i] = True, j
 
     def per_row(vals):  # a per-problem list as a per-row tensor (free rows: index −1, a 0)
@@ -313,7 +258,7 @@ def solve_pg(k, group, sh: Sharded, opt):
                 decide(pending_go, prev.tolist(), j - 1)
         go = [i for i in range(nP) if live[i] and not done[i]]
         nrm = sums[0].sqrt()
-        fj = (1.0 - eta * sh.tau / nrm.clamp_min(1e-300)).clamp_min_(0.0)
+        fj = shrink_factor(nrm, eta * sh.tau)
         qg = 0.5 * fj * fj * sums[1] - fj * sums[2] + sh.tau * fj * nrm  # Q terms of f_j∘Y_j
         q = sh.per_problem(qg * sh.owned) + const  # complete for the local problems only
         go_mask = torch.zeros(nP, dtype=torch.bool, device=dev)
@@ -346,15 +291,15 @@ def solve_pg(k, group, sh: Sharded, opt):
             for i in range(nP)]
 
 
-def _chunks(k, group, sh, opt, which, f_rows, eta_rows, const, iters, q_last, ycol):
-    """PG as chunks (:func:`.table.solve_pg_chunked`'s scheme) for the problems ``which``, whose
+def _chunks(k, plan, sh, which, f_rows, eta_rows, const, iters, q_last, ycol):
+    """PG as chunks (the scheme of :mod:`.table`) for the problems ``which``, whose
     groups are all whole on one rank (so each has at most one row here, its groups complete in
     it): ``n`` iterations per pass in cache, one all-reduce per chunk completing the communicating
     problems' shares of Q for each of its iterations (not one per iteration), the stop rule on
     each iteration in order, a re-run of the chunk up to the stopping iteration.  Chunk lengths
     come from the previous step's counts of the same problems, identical on every rank.  Fills
     ``iters``, ``q_last``, ``ycol`` (per problem) and ``f_rows`` (per row slot, in place)."""
-    rtol, max_iters = group["rtol"], group["max_iters"]
+    rtol, max_iters = plan.rtol, plan.max_iters
     T, dev = len(sh.tab.rows), f_rows.device
     row_of = {}
     for t, i in enumerate(sh.row_prob_cpu.tolist()):
@@ -363,7 +308,7 @@ def _chunks(k, group, sh, opt, which, f_rows, eta_rows, const, iters, q_last, yc
                 raise RuntimeError(f"{sh.probs[i].seg.name}: a segment with no spanning group "
                                    "has several pieces on one rank")
             row_of[i] = t
-    hints = opt.__dict__.setdefault("_pg_chunk_hint", {})
+    hints = plan.hints
     names = {i: sh.probs[i].seg.name for i in which}
     done, pos, q_prev = {i: False for i in which}, {i: 0 for i in which}, {}
     src, dst, first, spared = table.COL_W, table.COL_Y, True, False
@@ -405,7 +350,7 @@ def _chunks(k, group, sh, opt, which, f_rows, eta_rows, const, iters, q_last, yc
         hints[names[i]] = iters[i]
 
 
-def solve_exact(k, group, sh: Sharded, opt, max_iters: int = 50):
+def solve_exact(k, plan, sh: Sharded, max_iters: int = 50):
     """The exact group solution (:func:`ramda_ds.solvers.solve_exact`: screening, the bracket
     ``[τ·min P_g, τ·max P_g]/(‖b_g‖ − τ)``, safeguarded Newton on ``1/‖Z(μ)‖ − μ/τ``) with kernel
     set ``k`` (``exact_stage``, ``exact_iter``, ``exact_finish``): one pass per Newton iteration,
@@ -426,7 +371,7 @@ def solve_exact(k, group, sh: Sharded, opt, max_iters: int = 50):
     lo = torch.where(act, tau * pmin / excess, torch.zeros_like(nb))
     hi = torch.where(act, tau * pmax / excess, torch.zeros_like(nb))
     lo0, hi0 = lo, hi
-    warm = opt._warm_roots if group.get("warm_start") else None
+    warm = plan.warm
     keys = [(pr.seg.name, pr.seg.lo, pr.seg.hi) for pr in sh.probs]
     mu = hi.clone()
     if warm is not None:  # where each root sat in its bracket last step (kept per problem)
@@ -459,16 +404,9 @@ def solve_exact(k, group, sh: Sharded, opt, max_iters: int = 50):
         upd = [i for i in range(nP) if live[i] and conv_at[i] is None]
         upd_mask = torch.zeros(nP, dtype=torch.bool, device=dev)
         upd_mask[upd] = True
-        u = upd_mask[sh.prob_of]
-        zn = sums[0].clamp_min(1e-300).sqrt()
-        phi = 1.0 / zn - mu / tau
-        dphi = sums[1] / (zn * zn * zn) - 1.0 / tau  # d/dμ (1/‖Z‖) − 1/τ  (< 0)
-        lo = torch.where(u & (phi > 0), mu, lo)
-        hi = torch.where(u & (phi <= 0), mu, hi)
-        step = mu - phi / dphi
-        inside = (step >= lo) & (step <= hi)
-        bad = act & ((mu * zn - tau).abs() > tol * tau)
-        mu = torch.where(u & act, torch.where(inside, step, 0.5 * (lo + hi)), mu)
+        # (the bracket of a group that does not move is never read again)
+        mu, lo, hi, bad = newton_update(mu, lo, hi, sums[0], sums[1], tau,
+                                        upd_mask[sh.prob_of] & act, tol)
         left = sh.per_problem(bad.to(F64) * sh.owned)
         pending_go = [i for i in upd if sh.delayed[i]]
         local = [i for i in upd if not sh.delayed[i]]
@@ -492,29 +430,17 @@ def solve_exact(k, group, sh: Sharded, opt, max_iters: int = 50):
                         math.nan) for i in range(nP)]
 
 
-def step(opt, group, present, kind: str, path: str) -> set:
-    """One step of the sharded tensors of ``group`` that the kernels of ``path`` (``"native"``
-    or ``"triton"``) take; returns their ids (the torch path runs the others)."""
-    if eligible(opt, group) is not None or not group["params"]:
-        return set()
-    if path == "native":  # (loaded before the state changes: a failure leaves nothing half-done)
-        from .native_build import load
-
-        load()
-    sh = build(opt, group, present, kind, "cpu" if path == "native" else None)
-    if sh is None:
-        return set()
-    k = _kernels(path, kind, sh.tab, sh.device)
+def run(plan, path: str) -> list:
+    """One step of a plan, sharded or not, on the kernels of ``path`` (``"native"`` or
+    ``"triton"``): ``[(segment, SolverStats)]`` per problem.  The one PG driver and the exact
+    driver for every table (an unsharded plan's problems are all whole: PG runs them as chunks,
+    with no communication).  Every rank runs the same collectives."""
+    sh = build(plan)
+    k = _kernels(path, plan.kind, sh.tab, sh.device)
     k.free()
-    solve = solve_pg if group.get("solver", "pg") != "exact" else solve_exact
-    stats = solve(k, group, sh, opt) if sh.probs else []
-    for pr, st in zip(sh.probs, stats):
-        opt.last_stats[pr.seg.name] = st
-    for p, w, st, z in sh.tensors if kind == "ramda" else ():
-        if z is not None:
-            opt.state[p]["structured"] = opt.view.wrap_state(p, z)
-        opt._maybe_restart(group, st, w)
-    return sh.tab.handled
+    solve = solve_pg if plan.solver != "exact" else solve_exact
+    stats = solve(k, plan, sh) if sh.probs else []
+    return [(pr.seg, st) for pr, st in zip(sh.probs, stats)]
 
 
 def _kernels(path, kind, tab, device):

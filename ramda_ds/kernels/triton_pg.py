@@ -1,6 +1,6 @@
 r"""RAMDA + PG (the paper's stop rule) as Triton launches over the per-step table.
 
-The Triton kernel set of :func:`ramda_ds.kernels.table.solve_pg_chunked`.  Every kernel runs on a
+The Triton kernel set (:class:`.interface.KernelSet`) of the PG driver :func:`.sharded.solve_pg`.  Every kernel runs on a
 grid ``(block of BC groups, tensor)`` over the whole table, so a step costs the same number of
 launches for 8 or 80 layers: ``_free`` (unregularized tensors: the stage, ``Ŵ = W0 − V/P`` and
 the averaging), ``_pg_stage`` (``V, U, P, b`` and per group ``Σb², Σ(½P∘W0 − V)∘W0, max P``),
@@ -13,13 +13,13 @@ compare them under ``TRITON_INTERPRET=1``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from . import LAUNCHES, exact, table
+from . import exact, table
+from .device import LAUNCHES
+from .interface import KernelSet
 from .exact import BA, BC, _dual_averaging, _geom, _geometry, _lerp, _tile
 from ..groups import GroupLayout
 
@@ -187,14 +187,14 @@ def _pg_finish(ptrs, geom, scal, f, ycol, BA: tl.constexpr, BC: tl.constexpr):
                 tl.store(Wp + off, W, mask=m)
 
 
-class _Kernels:
-    """The Triton kernels bound to one step's table (see :func:`table.solve_pg_chunked`)."""
+class _Kernels(KernelSet):
+    """The Triton kernels bound to one step's table (:class:`.interface.KernelSet`)."""
 
     def __init__(self, tab, dev):
         self.tab, self.dev = tab, dev
         geo = []
         for (R, C, K, goff), row in zip(tab.geom, tab.rows):
-            lay = row[5] if goff >= 0 else GroupLayout(1, C, 1)
+            lay = row.layout if goff >= 0 else GroupLayout(1, C, 1)
             geo.append(list(_geom(lay)) + [max(goff, 0)])
         self.ptrs = torch.tensor(tab.ptrs, dtype=torch.int64, device=dev).view(-1, NPTR)
         self.geom = torch.tensor(geo, dtype=torch.int64, device=dev).view(-1, 7)
@@ -234,7 +234,7 @@ class _Kernels:
         return geom
 
     def spare(self, t):
-        self.spares.append(torch.empty_like(self.tab.rows[t][1]))
+        self.spares.append(torch.empty_like(self.tab.rows[t].w))
         self.ptrs[t, table.COL_Y2] = self.spares[-1].data_ptr()
 
     def chunk(self, n, f, eta, src, dst):
@@ -284,21 +284,3 @@ class _Kernels:
 def _padded(x, n):
     """``x`` with at least ``n`` elements (a kernel argument must not be empty)."""
     return x if x.numel() >= n else torch.cat([x, x.new_zeros(n - x.numel())])
-
-
-def ramda_pg_step(opt, group, present) -> set:
-    """One RAMDA step (PG) of the tensors of ``group`` the Triton kernels take; their ids."""
-    if not table.eligible(opt, group):
-        return set()
-    tab = table.build(opt, group, present, pg=True)
-    if not tab.rows:
-        return set()
-    dev = tab.rows[0][1].device
-    k = _Kernels(tab, dev)
-    k.free()
-    T = len(tab.rows)
-    iters, act, q = [0] * T, torch.zeros(0, dtype=torch.bool, device=dev), [math.nan] * T
-    if any(r[4] is not None for r in tab.rows):
-        iters, act, q = table.solve_pg_chunked(k, opt, group, tab, k.tau_t)
-    table.record(opt, group, tab, iters, act, q)
-    return tab.handled

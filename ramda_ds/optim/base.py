@@ -22,10 +22,11 @@ from typing import Callable
 import torch
 
 from ..layout import Segment, Unsharded, layout_of
-from ..solvers import (SolverStats, Subproblem, group_soft_threshold, singular_value_threshold,
-                       solve_exact, solve_l1, solve_nuclear_pg, solve_pg)
+from ..regularizers import REGULARIZERS as _REGULARIZERS
+from ..regularizers import group_tau, is_regularized, regularizer_of  # noqa: F401 (re-exported)
+from ..solvers import SolverStats, Subproblem, solve_exact, solve_pg
 
-REGULARIZERS = (None, "group_lasso", "l1", "nuclear")
+REGULARIZERS = tuple(_REGULARIZERS)  # the names a param group's ``regularizer`` may take
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -43,6 +44,10 @@ class StructuredOptimizer(torch.optim.Optimizer):
     #: per-tensor state that a restart zeroes / sets to W (subclasses override)
     restart_zero: tuple[str, ...] = ()
     restart_copy: tuple[str, ...] = ()
+    #: what the fused kernels run for this optimizer (:mod:`.fast`): the plan's ``kind`` and, per
+    #: kernel path, the solvers; empty: the torch step only
+    kernel_kind: str | None = None
+    kernel_support: dict[str, tuple[str, ...]] = {}
 
     def __init__(self, params, defaults: dict, view=None):
         defaults = {**dict(regularizer=None, lam=0.0, grouping="input", milestones=(), gamma=0.1,
@@ -50,7 +55,11 @@ class StructuredOptimizer(torch.optim.Optimizer):
         self.view = view if view is not None else Unsharded()
         self.last_stats: dict[str, SolverStats] = {}
         self._writeback: list = []  # (local param, flat copy) of non-contiguous params this group
+        # stores kept in memory, not checkpointed (the kernels receive them in the step plan):
         self._warm_roots: dict = {}  # exact solver, warm_start: root positions by segment
+        self._pg_hints: dict = {}  # PG chunk lengths by segment name (speed only)
+        self._kernel_cache: dict = {}  # per param group: index vectors of the sharded table
+        self._agreed_paths: dict = {}  # the kernel path every rank agreed on, per backend/device
         super().__init__(params, defaults)  # validates every group (add_param_group)
         self.register_load_state_dict_pre_hook(_keep_state_dtypes)
         self.register_load_state_dict_post_hook(_unwrap_state)
@@ -87,14 +96,12 @@ class StructuredOptimizer(torch.optim.Optimizer):
                    f"{where}: warm_start must be True or False, got {g.get('warm_start')!r}")
             e = g.get("inexact_eps0")
             _check(e is None or e > 0, f"{where}: inexact_eps0 must be None or > 0, got {e!r}")
-        if g["regularizer"] == "nuclear":
-            _check(all(p.dim() == 2 for p in g["params"]) or not isinstance(self.view, Unsharded),
-                   f"{where}: the nuclear norm needs 2-D weights")
+        why = regularizer_of(g).validate(g, where, isinstance(self.view, Unsharded))
+        _check(why is None, why)
         _check(len(g["param_names"]) == len(g["params"]) == len(g["param_shapes"]),
                f"{where}: param_names / param_shapes must have one entry per parameter")
-        if g["regularizer"] in ("group_lasso", "l1"):  # fail now, not at the first step
-            for name, shape in zip(g["param_names"], g["param_shapes"]):
-                layout_of(g, tuple(shape), name)
+        for name, shape in zip(g["param_names"], g["param_shapes"]):  # fail now, not at a step
+            layout_of(g, tuple(shape), name)
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's add_param_group, then: names and original shapes recorded (``param_names``,
@@ -144,7 +151,7 @@ class StructuredOptimizer(torch.optim.Optimizer):
         path = kernels.choose(group["backend"], dev)
         if not self.view.sharded or path == "torch" and not collective:
             return path
-        agreed = self.__dict__.setdefault("_agreed_paths", {})
+        agreed = self._agreed_paths
         key = (group["backend"], str(dev), path)
         if key not in agreed and collective:
             local = self.view.local(group["params"][0].detach())
@@ -244,20 +251,21 @@ class StructuredOptimizer(torch.optim.Optimizer):
             st[k].copy_(w)
 
     # ------------------------------------------------------------------ helpers for subclasses
-    def _params(self, group: dict, present: set[int]):
+    def _params(self, group: dict, present: set[int], writeback: bool = True):
         """(index, param, flat local param, flat local grad) for params to update.
 
         The flat param is a view (or, for non-contiguous layouts such as channels_last, a copy
-        written back after the update) in logical row-major order of this rank's local tensor;
-        the grad is in the state dtype (float64 for float64 params, else float32), zeros where
-        this rank has no gradient but another rank does.
+        written back after the update; ``writeback=False``: a copy that is not, for a look that
+        changes nothing) in logical row-major order of this rank's local tensor; the grad is in
+        the state dtype (float64 for float64 params, else float32), zeros where this rank has no
+        gradient but another rank does.
         """
         for k, p in enumerate(group["params"]):
             if id(p) not in present:
                 continue
             lp = self.view.local(p.detach())
             w = lp.view(-1) if lp.is_contiguous() else lp.reshape(-1)
-            if not lp.is_contiguous():
+            if writeback and not lp.is_contiguous():
                 self._writeback.append((lp, w))
             dtype = state_dtype(p)
             if p.grad is None:
@@ -313,14 +321,12 @@ class StructuredOptimizer(torch.optim.Optimizer):
         ε_t = ``inexact_eps0``/t. Segments the view solves locally (replicated, or ``local_solve``
         tensors with no spanning group) stop PG on their own groups: per rank, within tolerance.
         """
-        reg = group["regularizer"]
-        for seg, prob, _ in items if reg in ("l1", "nuclear") else ():
-            if reg == "l1":
-                solve_l1(prob)
-            else:
-                self.last_stats[seg.name] = solve_nuclear_pg(prob, seg.shape, group["max_iters"],
-                                                             group["rtol"])
-        if reg in ("l1", "nuclear"):
+        reg = regularizer_of(group)
+        if not reg.batched:  # solved tensor by tensor (L1's closed form, the nuclear norm's PG)
+            for seg, prob, _ in items:
+                stats = reg.solve(prob, seg.shape, group)
+                if stats is not None:
+                    self.last_stats[seg.name] = stats
             return
         batches: dict[int, tuple] = {}
         for seg, prob, step in items:
@@ -347,20 +353,12 @@ class StructuredOptimizer(torch.optim.Optimizer):
     def _prox_(self, group: dict, items: list[tuple[Segment, torch.Tensor, float]]) -> None:
         """In place ``x ← prox_{τψ}(x)`` in closed form (RMDA, ProxSGD); one collective per
         reducer."""
-        reg = group["regularizer"]
         batches: dict[int, tuple] = {}
-        for seg, x, tau in items if reg == "group_lasso" else ():
+        for seg, x, tau in items:
             comm = self.view.comm_for(seg)
             batches.setdefault(id(comm), (comm, []))[1].append((seg, x, tau))
-        for comm, gl in batches.values():
-            probs = [Subproblem(s.groups, x, x, tau, x, span=s.span) for s, x, tau in gl]
-            group_soft_threshold([x for _, x, _ in gl], [s.groups for s, _, _ in gl],
-                                 [tau for *_, tau in gl], comm, probs)
-        for seg, x, tau in items:
-            if reg == "l1":
-                x.copy_(torch.sign(x) * (x.abs() - tau).clamp_min_(0.0))
-            elif reg == "nuclear":
-                x.copy_(singular_value_threshold(x.view(seg.shape), tau).view(-1))
+        for comm, batch in batches.values():
+            regularizer_of(group).prox_(batch, comm)
 
 
 def state_dtype(p: torch.Tensor) -> torch.dtype:
@@ -423,14 +421,3 @@ def _unwrap_state(optimizer):
         for k, v in st.items():
             if isinstance(v, _Kept):
                 st[k] = v.tensor.to(device=p.device) if v.tensor.dim() else v.tensor
-
-
-def group_tau(group: dict, seg: Segment, scale: float) -> float:
-    """Threshold per unit group norm: scale · λ · w_g (w_g = sqrt|g| for group lasso, else 1)."""
-    w = seg.groups.layout.group_weight if group["regularizer"] == "group_lasso" else 1.0
-    return scale * group["lam"] * w
-
-
-def is_regularized(group: dict, seg: Segment) -> bool:
-    """λ = 0 takes the closed-form unregularized update (exactly MADGRAD / AdamW / SGD)."""
-    return group["lam"] > 0 and (group["regularizer"] == "nuclear" or seg.groups is not None)

@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..solvers import Subproblem
+from . import fast
 from .base import StructuredOptimizer, group_tau, is_regularized
 
 
@@ -38,18 +39,25 @@ class ProxGen(StructuredOptimizer):
                                       final_stage_ramp=False, warm_start=warm_start,
                                       backend=backend), view)
 
+    kernel_kind = "proxgen"
+    kernel_support = {"native": ("pg",)}
+
+    def kernel_scalars(self, group, p, w):
+        """Advance tensor ``p``'s step as the torch path does (for the kernels' plan):
+        ``(state, (m, v, None), [a = lr/(1−β1^t), ε, 1−β1, β2, 1−β2, √(1−β2^t), 1−lr·wd], lr)``."""
+        b1, b2 = group["betas"]
+        st = self.local_state(p, w)
+        lr = self._decayed(group, "lr", self._advance(group, st)[0])
+        t = st["step"].item()  # per tensor, as AdamW
+        return (st, (st["exp_avg"], st["exp_avg_sq"], None),
+                [lr / (1 - b1 ** t), group["eps"], 1 - b1, b2, 1 - b2, math.sqrt(1 - b2 ** t),
+                 1 - lr * group["weight_decay"]], lr)
+
     def init_state(self, w, dtype):
         return dict(exp_avg=torch.zeros_like(w, dtype=dtype), exp_avg_sq=torch.zeros_like(w, dtype=dtype))
 
     def _update_group(self, group, present):
-        if group["backend"] != "torch" and group["params"] and group["solver"] != "exact" and \
-                self._kernel_path(group) == "native":
-            from ..kernels.native import proxgen_native_step
-            from ..kernels.sharded import step as sharded_step
-            if self.view.sharded:
-                present = present - sharded_step(self, group, present, "proxgen", "native")
-            else:
-                present = present - proxgen_native_step(self, group, present)
+        present = present - fast.step(self, group, present)  # backend ≠ "torch": the kernels'
         (b1, b2) = group["betas"]
         items, updates = [], []
         for k, p, w, g in self._params(group, present):

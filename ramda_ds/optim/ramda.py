@@ -6,10 +6,13 @@ import math
 
 import torch
 
-from .. import kernels
 from ..solvers import Subproblem
 from ..stages import dual_averaging_stage
+from . import fast
 from .base import StructuredOptimizer, averaging_weight, group_tau, is_regularized
+from .fast import kernel_plan, tensor_paths  # noqa: F401 (the run's log; the names it had here)
+
+_tensor_paths = tensor_paths
 
 
 class RAMDA(StructuredOptimizer):
@@ -44,6 +47,8 @@ class RAMDA(StructuredOptimizer):
 
     restart_zero = ("grad_sum", "grad_sq_sum", "alpha")
     restart_copy = ("initial",)
+    kernel_kind = "ramda"
+    kernel_support = {"native": ("pg", "exact"), "triton": ("pg", "exact")}
 
     def __init__(self, params, lr=1e-2, c=None, eps=1e-6, regularizer=None, lam=0.0,
                  grouping="input", solver="pg", max_iters=100, rtol=1e-8, inexact_eps0=None,
@@ -65,7 +70,7 @@ class RAMDA(StructuredOptimizer):
     def _update_group(self, group, present):
         if group.get("adamw"):  # the recovery stage of a size target (ramda_ds.compress)
             return self._adamw_group(group, present)
-        handled = self._fast_step(group, present)
+        handled = fast.step(self, group, present)  # backend ≠ "torch": the kernels' tensors
         present = present - handled  # the rest (all, with backend="torch") takes the torch path
         items, updates = [], []
         for k, p, w, g in self._params(group, present):
@@ -114,103 +119,16 @@ class RAMDA(StructuredOptimizer):
             if group["keep_structured"]:
                 self.state[p]["structured"] = self.view.wrap_state(p, w.to(m.dtype, copy=True))
 
-    def _fast_step(self, group, present) -> set:
-        """The step of :mod:`ramda_ds.kernels` (``backend`` ≠ ``"torch"``) for the tensors of
-        ``group`` it applies to; returns their ids (the torch path below runs the others)."""
-        if group["backend"] == "torch" or not group["params"]:
-            return set()
-        path = self._kernel_path(group)
-        if self.view.sharded and path != "torch":  # pieces of tensors, PG one iteration a pass
-            from ..kernels import sharded
-            return sharded.step(self, group, present, "ramda", path)
-        if path == "native":
-            from ..kernels.native import ramda_native_step
-            return ramda_native_step(self, group, present)
-        unregularized = group["lam"] == 0 or group["regularizer"] is None
-        if path != "triton" or self.view.comm.world_size > 1 \
-                or group["regularizer"] in ("l1", "nuclear") or len(group["params"]) > 65535:
-            return set()  # (tensors are the grid's y dimension, at most 65535 on CUDA)
-        if group["solver"] != "exact" and not unregularized:
-            from ..kernels.triton_pg import ramda_pg_step
-            return ramda_pg_step(self, group, present)
-        from ..kernels.exact import ramda_exact_step  # all of the group's tensors, or none
-        return set(present) if ramda_exact_step(self, group, present) else set()
-
-
-def _tensor_paths(opt, group):
-    """(path, why or None) per tensor of ``group``: the path :meth:`RAMDA._fast_step` gives it
-    and, when a requested fast path is not taken, why."""
-    from ..kernels import table
-
-    params = [p for p, g, _ in opt.view.tensors(opt) if g is group]  # (ZeRO-3: its sub-groups)
-    n = len(params)
-    if group["backend"] == "torch" or not n:
-        return [("torch", None)] * n
-    dev = params[0].device
-    path = opt._kernel_path(group, collective=False, device=dev)
-    why = None
-    if path == "torch":
-        why = f"no fast kernels for {dev} tensors here" if kernels.choose(
-            group["backend"], dev) == "torch" else "another rank cannot run the kernels, so none does"
-    elif not isinstance(opt, RAMDA) and (path != "native" or group["solver"] == "exact"):
-        why = f"{type(opt).__name__} has a native PG step only"
-    elif opt.view.sharded:
-        return _sharded_paths(opt, group, path, params)
-    elif opt.view.comm.world_size > 1:
-        why = "the kernels need whole tensors; this view shards them"
-    elif group["regularizer"] in ("l1", "nuclear"):
-        why = f"regularizer {group['regularizer']}"
-    elif group.get("inexact_eps0") is not None:
-        why = "inexact_eps0 (condition (7) stopping)"
-    if why is not None:
-        return [("torch", why)] * n
-    out = []
-    for k, p in enumerate(group["params"]):
-        lp = opt.view.local(p.detach())
-        w = lp.view(-1) if lp.is_contiguous() else lp.reshape(-1)
-        why = table.why_not(opt, group, k, p, w, dev.type if path == "native" else None)
-        if why is None and w.device != dev:
-            why = f"on {w.device}, its group on {dev}"
-        out.append((path, None) if why is None else ("torch", f"{group['param_names'][k]}: {why}"))
-    whole_group = path == "triton" and (group["solver"] == "exact" or group["lam"] == 0
-                                        or group["regularizer"] is None)
-    refused = [w for _, w in out if w is not None]
-    if whole_group and refused:  # kernels/exact.py takes all of a group's tensors or none
-        return [("torch", refused[0])] * n
-    return out
-
-
-def _sharded_paths(opt, group, path, params):
-    """:func:`_tensor_paths` under a sharded view (:mod:`ramda_ds.kernels.sharded`)."""
-    from ..kernels import sharded
-
-    why = sharded.eligible(opt, group)
-    if why is not None:
-        return [("torch", why)] * len(params)
-    out = []
-    for p in params:
-        w = opt.view.local(p.detach())
-        why = sharded.why_not(opt, group, p, w.view(-1) if w.is_contiguous() else w.reshape(-1),
-                              "cpu" if path == "native" else None)
-        out.append((path, None) if why is None else ("torch", f"{opt.view.name(p)}: {why}"))
-    return out
-
-
-def kernel_plan(opt) -> str:
-    """What RAMDA's (or ProxGen's) step runs on, per tensor, for the run's log: ``"native"``,
-    ``"torch"``, or e.g. ``"native for 30 tensors; torch for 2 (lm_head.weight: param dtype
-    torch.bfloat16)"``."""
-    counts: dict[str, int] = {}
-    reasons: dict[str, str] = {}
-    for group in opt.param_groups:
-        for path, why in _tensor_paths(opt, group):
-            counts[path] = counts.get(path, 0) + 1
-            if why is not None:
-                reasons.setdefault(path, why)
-    if len(counts) == 1 and not reasons:
-        return next(iter(counts))
-    return "; ".join(f"{path} for {n} tensors" + (f" ({reasons[path]})" if path in reasons else "")
-                     for path, n in counts.items())
+    def kernel_scalars(self, group, p, w):
+        """Advance tensor ``p``'s step and α exactly as the torch path does (for the kernels'
+        plan): ``(state, (V, U, W0), [s = lr·√t, ε, c], α)``."""
+        st = self.local_state(p, w)
+        stage, i = self._advance(group, st)
+        s = self._decayed(group, "lr", stage) * math.sqrt(i)  # s_t = lr·√t
+        st["alpha"] += s
+        return (st, (st["grad_sum"], st["grad_sq_sum"], st["initial"]),
+                [s, self._decayed(group, "eps", stage), self._c(group, stage, i)],
+                st["alpha"].item())
 
 
 def _start_point(w, W0, V, P, segs, warm: bool) -> torch.Tensor:

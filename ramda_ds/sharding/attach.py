@@ -6,6 +6,7 @@ from __future__ import annotations
 from ..comm import ProcessGroupReducer
 from ..layout import Unsharded
 from ..optim.base import find_structured
+from ..regularizers import regularizer_of
 
 
 def attach(optimizer, model, process_group=None, local_solve: bool = False):
@@ -20,10 +21,10 @@ def attach(optimizer, model, process_group=None, local_solve: bool = False):
     opt = find_structured(optimizer)
     if opt is None:
         raise TypeError(f"no ramda_ds optimizer inside {type(optimizer).__name__}")
-    nuclear = any(g.get("regularizer") == "nuclear" and g.get("lam", 0) > 0
-                  for g in opt.param_groups)
+    whole = any(regularizer_of(g).whole_tensors and g.get("lam", 0) > 0
+                for g in opt.param_groups)
     view = _view_for(model, opt, process_group, local_solve)
-    if view.sharded and nuclear:
+    if view.sharded and whole:
         raise ValueError("the nuclear-norm regularizer needs whole 2-D weights; it is not "
                          "supported with ZeRO/FSDP sharding")
     opt.view = view

@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from ..regularizers import regularizer_of
 from .base import ShardedView
 
 
@@ -64,9 +65,8 @@ class FSDP2View(ShardedView):
         if dims == [0]:
             row = math.prod(shape[1:])
             return [dict(name=name, shape=shape, lo=0, hi=n, start=offset[0] * row)]
-        if dims == [1] and (not group.get("regularizer") or group["lam"] == 0 or (
-                group.get("regularizer") == "group_lasso"
-                and group.get("grouping", "input") == "input")):
+        if dims == [1] and (not group.get("regularizer") or group["lam"] == 0
+                            or regularizer_of(group).column_groups(group)):
             return [dict(name=name, shape=shape, lo=0, hi=n, start=0, local_shape=local_shape,
                          group_offset=offset[1])]
         raise ValueError(f"{name}: FSDP2 placement {p.placements} is not supported with "

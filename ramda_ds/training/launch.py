@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-OPTIMIZERS = ("ramda", "proxgen", "rmda", "proxsgd", "adamw")
+from ..optim.config import OPTIMIZERS  # noqa: F401 (the names --optimizer takes)
 
 
 def parse_milestones(text: str) -> tuple[int, ...]:
@@ -26,26 +26,21 @@ BACKEND_HELP = ("RAMDA's (and ProxGen's PG) step kernels: torch (the reference; 
 
 
 def make_optimizer(a, model, groups_of, keep_structured: bool = False):
-    """The optimizer named by ``a.optimizer``; ``groups_of(model)`` builds its param groups.
+    """The optimizer named by ``a.optimizer`` (:func:`ramda_ds.optim.make_optimizer` on an
+    :class:`~ramda_ds.optim.OptimizerConfig` made from the arguments); ``groups_of(model)`` builds
+    its param groups.
 
     ``a`` carries lr, momentum, milestones and (optionally) solver and backend (RAMDA's kernels). ``keep_structured`` keeps
     RAMDA's Ŵ in the state (for Ŵ metrics and export).
     """
-    from ..optim import RAMDA, RMDA, ProxGen, ProxSGD
+    from ..optim.config import OptimizerConfig
+    from ..optim.config import make_optimizer as build
 
-    if a.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=a.lr)
-    groups = groups_of(model)
-    kw = dict(lr=a.lr, milestones=parse_milestones(a.milestones))
-    solver = getattr(a, "solver", "pg")
-    if a.optimizer == "ramda":
-        return RAMDA(groups, momentum=a.momentum, solver=solver, keep_structured=keep_structured,
-                     backend=getattr(a, "backend", "torch"), **kw)
-    if a.optimizer == "rmda":
-        return RMDA(groups, momentum=a.momentum, **kw)
-    if a.optimizer == "proxsgd":
-        return ProxSGD(groups, momentum=a.momentum, **kw)
-    return ProxGen(groups, solver=solver, backend=getattr(a, "backend", "torch"), **kw)
+    cfg = OptimizerConfig(name=a.optimizer, lr=a.lr, momentum=a.momentum,
+                          milestones=parse_milestones(a.milestones),
+                          solver=getattr(a, "solver", "pg"), backend=getattr(a, "backend", "torch"),
+                          keep_structured=keep_structured)
+    return build(cfg, model.parameters() if cfg.name == "adamw" else groups_of(model))
 
 
 def read_args(cls, argv=None):
@@ -356,7 +351,7 @@ def step_kernels(opt) -> str:
     """What RAMDA's step runs on in this run (its ``backend`` resolved per tensor), for the log."""
     from ..optim import RAMDA, ProxGen
     from ..optim.base import find_structured
-    from ..optim.ramda import kernel_plan
+    from ..optim.fast import kernel_plan
 
     inner = find_structured(opt)
     return kernel_plan(inner) if isinstance(inner, (RAMDA, ProxGen)) else "torch"

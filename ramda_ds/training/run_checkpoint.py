@@ -37,13 +37,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..checkpoint import CheckpointError, plan_load, saved_steps, write_shard
+from ..run_format import (FORMAT, LATEST, MANIFEST, MANIFEST_SHA,  # noqa: F401 (re-exported)
+                          OBJECTIVE, describe_error, expected_files, file_problems,
+                          file_sha256, read_latest, read_manifest, read_verified_manifest)
 
 KEEP_LAST = 2  # complete checkpoints kept by default (RunCheckpointer, LoopConfig, the scripts)
-LATEST = "latest"
-MANIFEST = "manifest.json"
-MANIFEST_SHA = "manifest.sha256"
-FORMAT = "ramda_ds.run/2"  # /1 had no manifest hash
-OBJECTIVE = ("regularizer", "grouping", "lam")  # per parameter: what the loss being minimized is
 
 
 def _dist():
@@ -114,15 +112,6 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
         random.setstate((v, tuple(state), g))
 
 
-def _sha256(path: Path) -> tuple[int, str]:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-        os.fsync(f.fileno())
-    return path.stat().st_size, h.hexdigest()
-
-
 def _write_tmp(path: Path, text: str) -> Path:
     """``text`` written and fsynced to ``path`` + ".tmp" (to be renamed over ``path``)."""
     tmp = path.with_name(path.name + ".tmp")
@@ -131,61 +120,6 @@ def _write_tmp(path: Path, text: str) -> Path:
         f.flush()
         os.fsync(f.fileno())
     return tmp
-
-
-def _why(e: BaseException) -> str:
-    """An exception as one line, with a hint when the disk is full."""
-    text = f"{type(e).__name__}: {e}"
-    if getattr(e, "errno", None) == 28 or "No space left" in text or "StorageFull" in text:
-        text += " (the disk is full: free space under output_dir, or lower --keep_last)"
-    return text
-
-
-def _read_latest(root: Path) -> str:
-    """The checkpoint name in ``root/latest``; CheckpointError if it is not one."""
-    raw = (root / LATEST).read_bytes()
-    try:
-        name = raw.decode("ascii").strip()
-    except UnicodeDecodeError:
-        name = None
-    if name is None or not re.fullmatch(r"step_\d+", name):
-        raise CheckpointError(f"{root / LATEST} is corrupt ({raw[:40]!r}): it should hold a "
-                              "checkpoint name such as step_00000600; pass --resume with the "
-                              "checkpoint directory you want")
-    if not (root / name).is_dir():
-        raise CheckpointError(f"{root / LATEST} names {name}, which does not exist in {root}")
-    return name
-
-
-def _check_manifest(m, where: Path) -> None:
-    """Types of every field the loader uses (a KeyError would leave the other ranks waiting)."""
-    def bad(what):
-        raise CheckpointError(f"{where} is malformed: {what}")
-
-    for key, kind in dict(step=int, world_size=int, fingerprint=dict, meta=dict,
-                          files=dict).items():
-        if key not in m:
-            bad(f"no {key!r}")
-        if not isinstance(m[key], kind) or isinstance(m[key], bool):
-            bad(f"{key!r} must be {kind.__name__}")
-    if m["step"] < 1 or m["world_size"] < 1:
-        bad(f"step {m['step']} and world_size {m['world_size']} must be >= 1")
-    fp = m["fingerprint"]
-    if not isinstance(fp.get("optimizer"), str) or not isinstance(fp.get("params"), dict):
-        bad("the fingerprint needs 'optimizer' and 'params'")
-    for name, entry in fp["params"].items():
-        if not isinstance(entry, dict) or not {"shape", *OBJECTIVE} <= entry.keys():
-            bad(f"fingerprint entry of {name} lacks shape/{'/'.join(OBJECTIVE)}")
-    for rel, info in m["files"].items():
-        if not (isinstance(info, dict) and isinstance(info.get("bytes"), int)
-                and isinstance(info.get("sha256"), str)):
-            bad(f"files[{rel!r}] needs 'bytes' and 'sha256'")
-
-
-def expected_files(world_size: int) -> set[str]:
-    """The files a checkpoint written by ``world_size`` ranks holds (each listed with its hash)."""
-    return {f"{kind}/rank{r}.safetensors" for kind in ("weights", "trainer")
-            for r in range(world_size)}
 
 
 @dataclass
@@ -247,7 +181,7 @@ class RunCheckpointer:
                     shutil.rmtree(stale, ignore_errors=True)
                 part.mkdir(parents=True)
             except Exception as e:
-                error = f"cannot create {part}: {_why(e)}"
+                error = f"cannot create {part}: {describe_error(e)}"
         self.agree(error)
         # agreed before any rank writes: a sharded view's first segments() is a collective
         self._agree_or_clean(None if part.is_dir() else
@@ -261,11 +195,11 @@ class RunCheckpointer:
             f.parent.mkdir(exist_ok=True)
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(f))
             f = None
-            mine = {str(x.relative_to(part)): _sha256(x) for x in (
+            mine = {str(x.relative_to(part)): file_sha256(x) for x in (
                 part / "weights" / f"rank{self.rank}.safetensors",
                 part / "trainer" / f"rank{self.rank}.safetensors")}
         except Exception as e:  # safetensors raises SafetensorError, not OSError, on a full disk
-            error = f"rank {self.rank}: writing {f or part} failed: {_why(e)}"
+            error = f"rank {self.rank}: writing {f or part} failed: {describe_error(e)}"
         self._agree_or_clean(error, part)
         every = [mine]
         d = _dist()
@@ -292,7 +226,7 @@ class RunCheckpointer:
                 os.replace(part, final)
                 os.replace(pointer, self.root / LATEST)
             except Exception as e:
-                error = f"rank 0: writing {part} failed: {_why(e)}"
+                error = f"rank 0: writing {part} failed: {describe_error(e)}"
             else:
                 self._prune(keep=final)
         self._agree_or_clean(error, part)
@@ -345,7 +279,7 @@ class RunCheckpointer:
                             in moved:
                         latest.unlink()  # the next save writes it again
             except Exception as e:
-                error = f"cannot set aside the checkpoints after step {step}: {_why(e)}"
+                error = f"cannot set aside the checkpoints after step {step}: {describe_error(e)}"
         self.agree(error)
         return moved
 
@@ -371,9 +305,9 @@ class RunCheckpointer:
                         latest.unlink(missing_ok=True)
                     out = (True, done[-1] if done else None)
                 elif latest.exists():
-                    out = (False, _read_latest(self.root))
+                    out = (False, read_latest(self.root))
             except Exception as e:
-                error = f"cannot set aside the checkpoint of step {step}: {_why(e)}"
+                error = f"cannot set aside the checkpoint of step {step}: {describe_error(e)}"
         self.agree(error)
         return self.from_rank0(out)
 
@@ -385,11 +319,11 @@ class RunCheckpointer:
         def find():
             if spec == "auto":
                 exists = (self.root / LATEST).exists()
-                return str(self.root / _read_latest(self.root)) if exists else None
+                return str(self.root / read_latest(self.root)) if exists else None
             p = Path(spec)
             for root in (p, p / "checkpoints"):
                 if (root / LATEST).exists():
-                    return str(root / _read_latest(root))
+                    return str(root / read_latest(root))
             if not p.exists():
                 raise CheckpointError(f"checkpoint {spec} does not exist")
             return str(p)
@@ -401,7 +335,7 @@ class RunCheckpointer:
             except CheckpointError as e:
                 found = ("error", str(e))
             except Exception as e:
-                found = ("error", f"cannot read {spec}: {_why(e)}")
+                found = ("error", f"cannot read {spec}: {describe_error(e)}")
         kind, value = self.from_rank0(found)
         if kind == "error":
             raise CheckpointError(value)
@@ -437,7 +371,7 @@ class RunCheckpointer:
         except CheckpointError as e:
             error = str(e)
         except Exception as e:
-            error = f"cannot read {path / MANIFEST}: {_why(e)}"
+            error = f"cannot read {path / MANIFEST}: {describe_error(e)}"
         self.agree(error)
         self._verify(path, manifest["files"])  # every listed file is what the manifest says
         world, step = manifest["world_size"], manifest["step"]
@@ -457,7 +391,7 @@ class RunCheckpointer:
         except CheckpointError as e:
             error = str(e)
         except Exception as e:  # e.g. an unreadable trainer file
-            error = f"cannot read the checkpoint {path}: {_why(e)}"
+            error = f"cannot read the checkpoint {path}: {describe_error(e)}"
         self.agree(error)
         return Loaded(path, step, world, manifest["meta"], trainer, apply, changes)
 
@@ -465,77 +399,3 @@ class RunCheckpointer:
     def _manifest(path: Path) -> dict:
         """The manifest, checked against its hash, its own fields and the directory's name."""
         return read_manifest(path)
-
-
-def file_problems(path: Path, items) -> list[str]:
-    """For ``(relative path, {bytes, sha256})`` items: one line per file missing, unreadable or
-    not what the manifest says (size and sha256)."""
-    problems = []
-    for rel, info in items:
-        f = path / rel
-        if not f.exists():
-            problems.append(f"{f} is missing")
-            continue
-        try:
-            size, digest = _sha256(f)
-        except Exception as e:
-            problems.append(f"cannot read {f}: {_why(e)}")
-            continue
-        if size != info["bytes"] or digest != info["sha256"]:
-            problems.append(f"{f} is corrupt or truncated ({size} bytes, sha256 {digest[:12]}…;"
-                            f" the manifest says {info['bytes']} bytes, {info['sha256'][:12]}…)")
-    return problems
-
-
-def read_verified_manifest(path) -> dict:
-    """The manifest of checkpoint ``path`` after every check :meth:`RunCheckpointer.load` makes
-    before it reads state (manifest hash, fields, file list, step vs. directory name, and the
-    size + sha256 of every listed file), on this process alone (no collective: for readers such
-    as the export). CheckpointError naming the first problem."""
-    path = Path(path)
-    manifest = read_manifest(path)
-    problems = file_problems(path, sorted(manifest["files"].items()))
-    if problems:
-        raise CheckpointError(problems[0])
-    return manifest
-
-
-def read_manifest(path: Path) -> dict:
-    """The manifest, checked against its hash, its own fields and the directory's name (the
-    files themselves: :func:`file_problems`)."""
-    try:
-        raw = (path / MANIFEST).read_bytes()
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {MANIFEST}: the save "
-                              "was interrupted, or this is not a checkpoint directory)") from None
-    try:
-        manifest = json.loads(raw.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path / MANIFEST} is corrupt: {e}") from None
-    if not isinstance(manifest, dict):
-        raise CheckpointError(f"{path / MANIFEST} is malformed: not a JSON object")
-    if manifest.get("format") != FORMAT:
-        old = " (written by an older ramda_ds, whose manifest is not verified)" \
-            if manifest.get("format") == "ramda_ds.run/1" else ""
-        raise CheckpointError(f"{path}: unknown checkpoint format "
-                              f"{manifest.get('format')!r}{old}; this version reads {FORMAT}")
-    sidecar = path / MANIFEST_SHA
-    if not sidecar.exists():
-        raise CheckpointError(f"{path} has no {MANIFEST_SHA}: the manifest cannot be verified")
-    digest = sidecar.read_bytes()[:64].decode("ascii", errors="replace")
-    if hashlib.sha256(raw).hexdigest() != digest:
-        raise CheckpointError(f"{path / MANIFEST} does not match its sha256 in {MANIFEST_SHA} "
-                              "(edited or corrupt): it is not trusted")
-    _check_manifest(manifest, path / MANIFEST)
-    listed, needed = set(manifest["files"]), expected_files(manifest["world_size"])
-    if listed != needed:
-        what = sorted(needed - listed) or sorted(listed - needed)
-        raise CheckpointError(
-            f"{path / MANIFEST} lists {sorted(listed) or 'no files'}, a checkpoint written by "
-            f"{manifest['world_size']} rank(s) has exactly {sorted(needed)} ({what[0]} "
-            f"{'missing' if needed - listed else 'unexpected'})")
-    m = re.fullmatch(r"step_(\d+)", path.name)
-    if m and int(m.group(1)) != manifest["step"]:
-        raise CheckpointError(f"{path / MANIFEST} says step {manifest['step']}, the "
-                              f"directory is {path.name}")
-    return manifest
