@@ -196,6 +196,7 @@ class RamdaMixin:
         sched = Path(checkpoint) / "scheduler.pt"
         if self.lr_scheduler is not None and sched.exists():
             self.lr_scheduler.load_state_dict(torch.load(sched, weights_only=True))
+            restore_scheduled_lr(self.lr_scheduler)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # a model sharded with fully_shard outside accelerate (CPU): its weights come with the
@@ -216,6 +217,27 @@ class RamdaMixin:
                 self._save(output_dir or self.args.output_dir, state_dict=sd)
             return
         return super().save_model(output_dir, _internal_call)
+
+
+def restore_scheduled_lr(scheduler) -> None:
+    """Write the lr a loaded scheduler holds for the next step into its optimizer's groups.
+
+    A torch optimizer's ``load_state_dict`` brings back each group's ``lr`` (which is why a
+    resumed AdamW is exact); the ramda_ds state does not carry it, and ``LRScheduler.
+    load_state_dict`` only restores the scheduler's counters: without this the first step after a
+    resume ran at the lr the fresh scheduler set at construction (the initial lr: 0.01 instead of
+    the decayed 0.005 in the test), so resumed ≠ uninterrupted under any non-constant schedule."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler
+    get_last = getattr(inner, "get_last_lr", None)
+    opt = getattr(inner, "optimizer", None)
+    if get_last is None or opt is None:
+        return
+    lrs = get_last()
+    if len(lrs) != len(opt.param_groups):
+        raise ValueError(f"the checkpoint's scheduler has {len(lrs)} learning rates for "
+                         f"{len(opt.param_groups)} param groups: it belongs to another optimizer")
+    for group, lr in zip(opt.param_groups, lrs):
+        group["lr"] = lr
 
 
 class RamdaTrainer(RamdaMixin, Trainer):
