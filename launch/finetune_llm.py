@@ -67,6 +67,9 @@ class FinetuneArgs:
     batch_size: int = field(default=4, metadata={"help": "sequences per process and micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip; 0: off"})
+    diverge_factor: float = field(default=2.0, metadata={
+        "help": "stop (exit 3) when the mean loss of 10 steps exceeds this × the first step's, or "
+                "the loss rose for 50 steps; 0: only a non-finite loss stops the run"})
     steps: int = field(default=200, metadata={"help": "optimizer steps"})
     eval_every: int = field(default=0, metadata={
         "help": "evaluation period in steps; 0: steps/10 (≥ 10 points on the plot)"})
@@ -135,12 +138,13 @@ def validate(a: FinetuneArgs) -> None:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(a.model_path))
-    from ramda_ds.hf.units import unit_patterns
+    from ramda_ds.hf.units import unit_param_groups, unit_patterns
 
     try:
         unit_patterns(model, a.units, a.groups, warn=say)
+        unit_param_groups(model, a.lam, a.units, a.groups)  # each rule fits its tensors' shapes
     except ValueError as e:
-        raise SystemExit(str(e)) from None
+        raise SystemExit(f"--groups / --units: {e}") from None
     checkpoint_tokenizer(a)
 
 

@@ -44,6 +44,9 @@ class RunArgs:
     steps: int = 600
     batch_size: int = 8
     grad_clip: float = 0.25
+    diverge_factor: float = field(default=2.0, metadata={
+        "help": "stop (exit 3) when the mean loss of 10 steps exceeds this × the first step's, or "
+                "the loss rose for 50 steps; 0: only a non-finite loss stops the run"})
     grad_accum: int = 1
     eval_every: int = 100
     save_every: int = field(default=200, metadata={"help": "checkpoint period; 0: end/SIGTERM only"})
