@@ -109,3 +109,50 @@ def segments(streams: torch.Tensor, tgt_len: int):
     for t in range(0, T - 1, tgt_len):
         L = min(tgt_len, T - 1 - t)
         yield streams[:, t:t + L], streams[:, t + 1:t + 1 + L]
+
+
+# ---------------------------------------------------------------- Hugging Face tokenizers
+SPECIAL = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2: Llama's unk / bos / eos
+
+
+def train_bpe_tokenizer(text_file: str, vocab_size: int):
+    """A byte-level BPE tokenizer (the ``tokenizers`` library, GPT-2 style: every text encodes,
+    no unknown token needed) trained on ``text_file``, as a ``PreTrainedTokenizerFast`` whose
+    ``save_pretrained`` writes ``tokenizer.json``: ``AutoTokenizer`` loads it without custom code
+    or sentencepiece. Ids 0-2 are ``<unk>``, ``<s>``, ``</s>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train([text_file], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=SPECIAL[0], bos_token=SPECIAL[1],
+                                   eos_token=SPECIAL[2], pad_token=SPECIAL[2])
+
+
+def sentencepiece_as_hf(model_file: str):
+    """The SentencePiece unigram model a run trained (:func:`train_tokenizer`), rebuilt as a
+    ``tokenizers`` Unigram model with the same pieces and scores, NFKC normalization and the
+    ``▁`` word prefix, as a ``PreTrainedTokenizerFast`` (``tokenizer.json``, which
+    ``AutoTokenizer`` loads without custom code). Its ids equal SentencePiece's on ordinary text
+    (tested on the default corpus); ``bos``/``eos``/``unk`` keep their ids."""
+    import sentencepiece as spm
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    sp = spm.SentencePieceProcessor(model_file=model_file)
+    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=sp.unk_id(), byte_fallback=False))
+    tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Strip(),
+                                           normalizers.Replace(Regex(" {2,}"), " ")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    special = {}
+    for key, i in (("unk_token", sp.unk_id()), ("bos_token", sp.bos_id()), ("eos_token", sp.eos_id())):
+        if i >= 0:
+            special[key] = sp.id_to_piece(i)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **special)
