@@ -237,7 +237,8 @@ def main(argv=None):
         last = rows[-1] if rows else {}
         label, key = headline(last)
         units = tensor_sparsity(inner, key == "structured") if inner else []
-        summary = dict(steps=a.steps, model=key, model_label=label, loss=last.get("loss"),
+        summary = dict(diverged=False, steps=a.steps, model=key, model_label=label,
+                       loss=last.get("loss"),
                        ppl=last.get(f"valid_ppl_{key}"), wgs=last.get(f"wgs_{key}", 0.0),
                        units={r.name: [r.zero_groups, r.groups] for r in units})
         if key == "structured":

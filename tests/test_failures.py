@@ -343,7 +343,7 @@ def test_a_loss_far_above_its_start_stops_the_run(tmp_path, capsys):
     window above 2 × the first step's stops the run with exit 3, a reason, summary.json."""
     task = ToyTask(lambda i, loss: loss * 50 if i >= 20 else loss)
     with pytest.raises(SystemExit) as e:
-        run_loop(tmp_path, task, steps=60, save_every=0)
+        run_loop(tmp_path, task, steps=60, save_every=10)
     assert e.value.code == 3
     err = capsys.readouterr().err
     assert "step 30: the run diverged: the mean training loss of steps 21-30" in err, err
@@ -352,6 +352,20 @@ def test_a_loss_far_above_its_start_stops_the_run(tmp_path, capsys):
     assert last["step"] == 30 and last["diverged"] is True and "first step" in last["reason"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["diverged"] is True and summary["step"] == 30
+    from ramda_ds.export.api import ExportError, export_run
+
+    assert saved_steps(tmp_path) == ["step_00000010", "step_00000020"]
+    with pytest.raises(ExportError, match="diverged at step 30 .*--allow_diverged"):
+        export_run(tmp_path, tmp_path / "exported")
+    assert not (tmp_path / "exported").exists()
+
+
+def test_a_throughput_drop_is_noted_once():
+    from ramda_ds.training.loop import slowdown
+
+    pace = dict(tokens=0, time=0.0, best=0.0, noted=False)
+    seen = [slowdown(pace, t, s) for t, s in ((1000, 1), (2000, 2), (2500, 4.5), (3000, 9))]
+    assert seen == [0.0, 0.0, 5.0, 0.0]
 
 
 def test_a_loss_rising_for_a_long_stretch_stops_the_run(tmp_path, capsys):

@@ -148,6 +148,21 @@ def fmt(value) -> str:
     return f"{value:.2f}" if math.isfinite(value) and abs(value) < 1e5 else f"{value:.4g}"
 
 
+def slowdown(pace: dict, tokens: int, train_time: float, ratio: float = 5.0) -> float:
+    """Updates ``pace`` with the throughput since the last evaluation; returns how many times
+    slower it is than the best interval so far when that is ≥ ``ratio`` (once per run), else 0."""
+    dt = train_time - pace["time"]
+    rate = (tokens - pace["tokens"]) / dt if dt > 0 else 0.0
+    pace.update(tokens=tokens, time=train_time, rate=rate)
+    if rate <= 0:
+        return 0.0
+    pace["best"] = max(pace["best"], rate)
+    if pace["noted"] or pace["best"] < ratio * rate:
+        return 0.0
+    pace["noted"] = True
+    return pace["best"] / rate
+
+
 def solver_cap(opt) -> int:
     """The subproblem solver's iteration cap of the optimizer (0: it has no solver)."""
     if opt is None:
@@ -281,6 +296,7 @@ def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict) -> list[dic
     batches = task.batches(position)
     watch = DivergenceWatch(cfg.diverge_factor, state=loaded.meta.get("watch") if loaded else None)
     capped = []  # evaluations at which the subproblem solver hit its iteration cap
+    pace = dict(tokens=0, time=0.0, best=0.0, noted=False)  # throughput between evaluations
 
     def stop_diverged(at: int, why: str, row: dict, before: bool):
         """Log the row, set aside a checkpoint of the diverged state, say what is kept, exit.
@@ -346,6 +362,14 @@ def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict) -> list[dic
                     f", {name} {fmt(row[k]) if d == 2 else f'{row[k]:.3f}'}" for k, name, d in (
                         ("valid_ppl_structured", "ppl(Ŵ)", 2), ("wgs_structured", "wgs(Ŵ)", 3),
                         ("valid_ppl_W", "ppl(W)", 2), ("wgs_W", "wgs(W)", 3)) if k in row))
+                slower = slowdown(pace, tokens, train_time)
+                if slower:
+                    log.message(f"note: training runs {slower:.0f}× slower than earlier in this run "
+                                f"({pace['best']:.0f} → {pace['rate']:.0f} tokens/s). Other work on "
+                                "the machine does this; so do subnormal (denormal) floats on CPU "
+                                "in a model whose weights blow up (measured: train_lm.py --lr 10 "
+                                "--diverge_factor 0 ran 11× slower from step 150; "
+                                "torch.set_flush_denormal(True) removed it, same numbers)")
                 cap = solver_cap(ramda)
                 if cap and row.get("solver_iters_max", 0) >= cap:
                     if not capped:
