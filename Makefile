@@ -19,10 +19,11 @@ demo: setup
 	rm -rf runs/demo
 	$(VENV)/bin/python launch/train_lm.py --output_dir runs/demo
 
+# its own directories (runs/finetune, finetune_llm.py's default --output_dir, is the user's)
 demo-finetune: setup
-	rm -rf runs/finetune
+	rm -rf runs/demo-finetune
 	$(VENV)/bin/python -m ramda_ds.training.tiny_model runs/tiny-llama
-	$(VENV)/bin/python launch/finetune_llm.py --model_path runs/tiny-llama
+	$(VENV)/bin/python launch/finetune_llm.py --model_path runs/tiny-llama --output_dir runs/demo-finetune
 
 demo-mlp: setup
 	$(VENV)/bin/python -m ramda_ds.training.demo
