@@ -156,3 +156,10 @@ def sentencepiece_as_hf(model_file: str):
         if i >= 0:
             special[key] = sp.id_to_piece(i)
     return PreTrainedTokenizerFast(tokenizer_object=tok, **special)
+
+
+if __name__ == "__main__":  # python -m ramda_ds.training.data DIR: the default corpus as files
+    import sys
+
+    for f in default_corpus(sys.argv[1] if len(sys.argv) > 1 else "runs/corpus"):
+        print(f)
