@@ -22,7 +22,7 @@ is the ramda_ds one. What it changes, and why:
 * Refused before training, with what to change: a DeepSpeed config with an ``"optimizer"``
   section, ZeRO-Offload, FSDP1, ``weight_decay > 0`` (the regularizer is ``lam``).
 
-Written against transformers 5.24 and tested with 5.24 and 5.25 (the range pyproject.toml admits): it overrides the private ``_prepare_for_training``,
+Written against transformers 5.24, tested on 5.25 (pyproject.toml admits >=5.24,<5.26): it overrides the private ``_prepare_for_training``,
 ``_save_optimizer_and_scheduler`` and ``_load_optimizer_and_scheduler``.
 """
 

@@ -309,6 +309,7 @@ def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict) -> list[dic
                 dict(diverged=True, step=at, reason=why, loss=row.get("loss")), indent=1))
         # ``before``: the checkpoint of step at - 1, if any, holds the diverged state
         moved, latest = ckpt.discard(at - 1 if before else at) if ckpt else (False, None)
+        log.close()  # the bar ends its line before the message
         if acc.is_main_process:
             print(f"step {at}: the run diverged: {why}. Stopped without saving this state" +
                   (f"; the checkpoint of step {at - 1}, which holds the state that diverged, was "
