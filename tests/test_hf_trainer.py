@@ -231,6 +231,16 @@ def test_example_refuses_in_one_line_before_anything_is_written(runs, tmp_path):
     p = run([*base, "--train_file", "train.txt", "--output_dir", "x5", "--deepspeed", str(ds)], d)
     assert p.returncode == 1 and 'remove its "optimizer" section' in p.stderr.splitlines()[-1], \
         p.stderr[-3000:]
+    # 2 ranks: the refusal is the first line, once (rank 0), before the launcher's own report
+    p = run([*ACCELERATE, "--config_file", str(ROOT / "configs" / "accelerate" / "ddp.yaml"),
+             "--main_process_port", str(free_port()), EXAMPLE, "--model_path", "llama",
+             "--train_file", "train.txt", "--output_dir", "x6", "--ddp_backend", "gloo",
+             "--weight_decay", "0.1", "--report_to", "none"], d)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode != 0 and lines[0] == (
+        "hf_trainer_example.py: error: weight_decay=0.1 would be ignored: ramda_ds optimizers "
+        "regularize with RamdaConfig(lam=...); set weight_decay=0"), p.stderr[-3000:]
+    assert sum("weight_decay=0.1" in x for x in lines) == 1 and not (d / "x6").exists()
 
 
 def test_zero2_two_ranks_with_accumulation_equal_one_process(runs):
