@@ -104,7 +104,7 @@ def main():
     check(a, targs)
 
     import torch
-    from datasets import load_dataset
+    from datasets import disable_progress_bars, load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator
 
     from ramda_ds.hf import RamdaConfig, RamdaTrainer
@@ -114,6 +114,7 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(a.model_path, dtype=torch.float32)
     shard_fsdp2_if_needed(model)  # CPU only: accelerate applies FSDP2 itself on GPUs
     tok = AutoTokenizer.from_pretrained(a.model_path)
+    disable_progress_bars()  # datasets' "Generating train split" bar for a local file
     ids = [i for t in load_dataset("text", data_files=a.train_file)["train"]["text"]
            for i in tok(t)["input_ids"]]
     n = a.block_size

@@ -35,6 +35,7 @@ def load_lines(path: str):
     import datasets
 
     _offline()
+    datasets.disable_progress_bars()  # "Generating train split" bars for a local text file
     if path.startswith("hf:"):
         name, _, split = path[3:].partition("@")
         name, _, config = name.partition(":")
