@@ -55,9 +55,12 @@ def provenance() -> str:
     import torch
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    busy = ("; the machine was shared (load above its cores): the times measure the load more "
+            "than the code" if load > (os.cpu_count() or 1) else "")
     return (f"{datetime.date.today().isoformat()}, commit {commit}{' (modified)' if dirty else ''}, "
             f"{os.cpu_count()} CPU cores ({platform.machine()}, load {load:.1f}), Python "
-            f"{platform.python_version()}, torch {torch.__version__}; `python bench/readme_figures.py`")
+            f"{platform.python_version()}, torch {torch.__version__}; `python bench/readme_figures.py`"
+            f"{busy}")
 
 
 def replace_block(path: Path, name: str, text: str) -> None:
