@@ -2,6 +2,7 @@
 
     python bench/readme_figures.py            # make demo + make demo-finetune's runs (~2 min on 2 cores)
     python bench/readme_figures.py --sweep    # also the λ sweep of docs/fine-tuning.md (5 more runs)
+    python bench/readme_figures.py --sweep_only  # only the sweep
 
 Runs the commands of ``make demo`` and ``make demo-finetune`` (their defaults) into a scratch
 directory and rewrites the blocks between ``<!-- figures:NAME -->`` and ``<!-- /figures:NAME -->``
@@ -74,26 +75,43 @@ def replace_block(path: Path, name: str, text: str) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sweep", action="store_true", help="also the λ sweep (5 fine-tuning runs)")
+    ap.add_argument("--sweep_only", action="store_true", help="only the λ sweep")
     ap.add_argument("--dry_run", action="store_true", help="print, do not rewrite the files")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        wall, out = run([PY, str(ROOT / "launch/train_lm.py"), "--output_dir", "demo"], d)
-        demo, demo_s = last_row(d / "demo"), training_seconds(out)
         run([PY, "-m", "ramda_ds.training.tiny_model", "tiny-llama"], d)
-        fwall, fout = run([PY, str(ROOT / "launch/finetune_llm.py"), "--model_path", "tiny-llama",
-                           "--output_dir", "ft"], d)
-        ft, ft_s = json.loads((d / "ft" / "summary.json").read_text()), training_seconds(fout)
+        if not a.sweep_only:
+            wall, out = run([PY, str(ROOT / "launch/train_lm.py"), "--output_dir", "demo"], d)
+            demo, demo_s = last_row(d / "demo"), training_seconds(out)
+            fwall, fout = run([PY, str(ROOT / "launch/finetune_llm.py"), "--model_path",
+                               "tiny-llama", "--output_dir", "ft"], d)
+            ft, ft_s = json.loads((d / "ft" / "summary.json").read_text()), training_seconds(fout)
         sweep = []
-        if a.sweep:
+        if a.sweep or a.sweep_only:
             for lam in LAMS:
                 run([PY, str(ROOT / "launch/finetune_llm.py"), "--model_path", "tiny-llama",
                      "--output_dir", f"lam{lam}", "--lam", lam], d)
                 sweep.append((lam, json.loads((d / f"lam{lam}" / "summary.json").read_text())))
     where = provenance()
+    blocks = {}
+    if not a.sweep_only:
+        blocks = demo_blocks(demo, demo_s, wall, ft, ft_s, fwall, where)
+    if sweep:
+        blocks["sweep"] = sweep_table(sweep, where)
+    for name, text in blocks.items():
+        print(f"--- {name}\n{text}")
+        if a.dry_run:
+            continue
+        for f in (ROOT / "README.md", ROOT / "docs" / "fine-tuning.md"):
+            if f"<!-- figures:{name} -->" in f.read_text():
+                replace_block(f, name, text)
+
+
+def demo_blocks(demo, demo_s, wall, ft, ft_s, fwall, where) -> dict:
     same = "W = Ŵ exactly" if demo.get("W_is_structured") else \
         f"W: perplexity {demo['valid_ppl_W']:.2f}, WGS {demo['wgs_W']:.3f}"
-    blocks = {
+    return {
         "demo": (f"`make demo` (600 steps, batch 8 × 32 tokens, RAMDA lr 2e-2, λ = 1e-5, restart at "
                  f"step 400): the structured model Ŵ reaches validation perplexity "
                  f"**{demo['valid_ppl_structured']:.2f}** at weighted group sparsity "
@@ -107,22 +125,17 @@ def main() -> None:
                                                   f"{t - z}/{t}" for n, (z, t) in ft["units"].items())
                      + f"), in {ft_s:.0f} s of training ({fwall:.0f} s wall).\n_Measured {where}._"),
     }
-    if sweep:
-        lines = ["| λ | FFN neurons kept | heads kept | WGS | valid ppl (Ŵ) |", "|---|---|---|---|---|"]
-        for lam, s in sweep:
-            ffn = [(t - z, t) for n, (z, t) in s["units"].items() if "mlp" in n]
-            heads = [(t - z, t) for n, (z, t) in s["units"].items() if "attn" in n]
-            k = lambda xs: f"{sum(x for x, _ in xs)} / {sum(t for _, t in xs)}"  # noqa: E731
-            lines.append(f"| {lam}{' (default)' if lam == '1e-4' else ''} | {k(ffn)} | {k(heads)} | "
-                         f"{s['wgs']:.3f} | {s['ppl']:.1f} |")
-        blocks["sweep"] = "\n".join(lines) + f"\n\n_Measured {where} --sweep._"
-    for name, text in blocks.items():
-        print(f"--- {name}\n{text}")
-        if a.dry_run:
-            continue
-        for f in (ROOT / "README.md", ROOT / "docs" / "fine-tuning.md"):
-            if f"<!-- figures:{name} -->" in f.read_text():
-                replace_block(f, name, text)
+
+
+def sweep_table(sweep, where) -> str:
+    lines = ["| λ | FFN neurons kept | heads kept | WGS | valid ppl (Ŵ) |", "|---|---|---|---|---|"]
+    for lam, s in sweep:
+        ffn = [(t - z, t) for n, (z, t) in s["units"].items() if "mlp" in n]
+        heads = [(t - z, t) for n, (z, t) in s["units"].items() if "attn" in n]
+        k = lambda xs: f"{sum(x for x, _ in xs)} / {sum(t for _, t in xs)}"  # noqa: E731
+        lines.append(f"| {lam}{' (default)' if lam == '1e-4' else ''} | {k(ffn)} | {k(heads)} | "
+                     f"{s['wgs']:.3f} | {s['ppl']:.1f} |")
+    return "\n".join(lines) + f"\n\n_Measured (with `--sweep_only`) {where}._"
 
 
 if __name__ == "__main__":
