@@ -100,6 +100,9 @@ class FinetuneArgs:
     batch_size: int = field(default=4, metadata={"help": "sequences per process and micro-batch"})
     grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient norm clip; 0: off"})
+    diverge_factor: float = field(default=2.0, metadata={
+        "help": "stop (exit 3) when the mean loss of 10 steps exceeds this × the first step's, or "
+                "the loss rose for 50 steps; 0: only a non-finite loss stops the run"})
     steps: int = field(default=200, metadata={"help": "optimizer steps"})
     eval_every: int = field(default=0, metadata={
         "help": "evaluation period in steps; 0: steps/10 (≥ 10 points on the plot)"})
@@ -169,12 +172,13 @@ def validate(a: FinetuneArgs) -> None:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(a.model_path))
-    from ramda_ds.hf.units import unit_patterns
+    from ramda_ds.hf.units import unit_param_groups, unit_patterns
 
     try:
         unit_patterns(model, a.units, a.groups, warn=say)
+        unit_param_groups(model, a.lam, a.units, a.groups)  # each rule fits its tensors' shapes
     except ValueError as e:
-        raise SystemExit(str(e)) from None
+        raise SystemExit(f"--groups / --units: {e}") from None
     checkpoint_tokenizer(a)
 
 
@@ -369,7 +373,8 @@ def main(argv=None):
         last = rows[-1] if rows else {}
         label, key = headline(last)
         units = tensor_sparsity(inner, key == "structured") if inner else []
-        summary = dict(steps=a.steps, model=key, model_label=label, loss=last.get("loss"),
+        summary = dict(diverged=False, steps=a.steps, model=key, model_label=label,
+                       loss=last.get("loss"),
                        ppl=last.get(f"valid_ppl_{key}"), wgs=last.get(f"wgs_{key}", 0.0),
                        units={r.name: [r.zero_groups, r.groups] for r in units})
         if key == "structured":

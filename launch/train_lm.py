@@ -13,7 +13,9 @@ Checkpoints go to output_dir/checkpoints every ``save_every`` steps, at the end 
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from ramda_ds.training.launch import (BACKEND_HELP, OPTIMIZERS, corpus, loop_config, main_entry,
                                       make_task, read_args, run_to_end, start, validate_common,
@@ -44,6 +46,9 @@ class RunArgs:
     steps: int = 600
     batch_size: int = 8
     grad_clip: float = 0.25
+    diverge_factor: float = field(default=2.0, metadata={
+        "help": "stop (exit 3) when the mean loss of 10 steps exceeds this × the first step's, or "
+                "the loss rose for 50 steps; 0: only a non-finite loss stops the run"})
     grad_accum: int = 1
     eval_every: int = 100
     save_every: int = field(default=200, metadata={"help": "checkpoint period; 0: end/SIGTERM only"})
@@ -93,6 +98,10 @@ def main(argv=None):
     train_file, valid_file = corpus(acc, a, out)
     tok = a.tokenizer
     if not tok:
+        prefix = out / "data" / f"sp{a.vocab_size}"
+        if acc.is_main_process and not Path(f"{prefix}.model").exists():
+            print(f"training a SentencePiece tokenizer ({a.vocab_size} pieces) on {train_file}",
+                  file=sys.stderr, flush=True)
         with acc.local_main_process_first():
             tok = data.train_tokenizer(train_file, str(out / "data" / f"sp{a.vocab_size}"), a.vocab_size)
     with acc.local_main_process_first():  # the datasets cache is built once, not by 2 ranks at once
@@ -110,6 +119,7 @@ def main(argv=None):
     model, opt, setup = wrap(acc, a, model, model.layers, precision, lm_groups(a),
                              keep_structured=a.optimizer == "ramda")
     setup["model_config"] = asdict(cfg)  # for the export
+    setup["model"] = f"Transformer-XL {a.preset}"  # named in plot.png's title
     loop = loop_config(a, structured=a.optimizer == "ramda")  # report Ŵ and W, labelled
     rows = run_to_end(acc, lambda: train(acc, model, opt, task, loop, setup))
     return rows

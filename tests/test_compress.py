@@ -300,3 +300,16 @@ def test_adamw_recovery_is_adamw_on_the_kept_units():
     for (n, a), b in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
     assert model.down.weight[:, ~kept].abs().max() == 0
+
+
+def test_divergence_watch_expects_the_identification_rise():
+    """Removing units makes the training loss climb on purpose: while a size target identifies,
+    a long rise is not a failure, but a loss far above the start still is."""
+    from ramda_ds.training.loop import DivergenceWatch
+
+    losses = [3.0 + 0.01 * t for t in range(80)]  # rises steadily for 8 windows
+    plain, target = DivergenceWatch(2.0), DivergenceWatch(2.0)
+    assert any(plain.update(t, x) for t, x in enumerate(losses, 1))
+    assert not any(target.update(t, x, rise_expected=True) for t, x in enumerate(losses, 1))
+    far = DivergenceWatch(2.0)
+    assert any(far.update(t, 3.0 if t == 1 else 7.0, rise_expected=True) for t in range(1, 21))

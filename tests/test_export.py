@@ -261,6 +261,13 @@ def test_llama_fsdp2_run_exports_both_layouts(runs, tmp_path):
     assert type(u).__name__ == "LlamaForCausalLM" and u.config.intermediate_size % 8 == 0
     assert rel_diff(logits(dense, X), logits(u, X)) <= RTOL
     assert (tmp_path / "uni" / "sentencepiece.model").exists()  # the run's tokenizer
+    from transformers import AutoTokenizer  # ... also as tokenizer.json, with the run's ids
+
+    import sentencepiece as spm
+
+    text = "Return the value of the named attribute of object."
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "uni" / "sentencepiece.model"))
+    assert AutoTokenizer.from_pretrained(tmp_path / "uni")(text)["input_ids"] == sp.encode(text)
     # both load in a process where importing ramda_ds fails (the venv may have it installed)
     torch.save(X, tmp_path / "x.pt")
     code = ("import sys, torch\n"
@@ -519,6 +526,9 @@ def test_txl_train_lm_run_exports(tmp_path):
     assert rel_diff(ref, txl_logits(m, ids, cfg.tgt_len)) <= RTOL
     assert r["params_after"] == sum(q.numel() for q in m.parameters()) < r["params_before"]
     assert (tmp_path / "per_layer" / "sentencepiece.model").exists()
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(tmp_path / "per_layer")("print(x)")["input_ids"]
     r = export_run(ckpt, tmp_path / "uniform", layout="uniform", multiple_of=8, verbose=False)
     u = TransfoXLLM.from_pretrained(tmp_path / "uniform").eval()
     assert u.config.layer_d_inner is None and u.config.d_inner % 8 == 0

@@ -338,6 +338,84 @@ def test_divergence_stops_and_sets_aside_the_diverged_state(tmp_path, capsys, po
     assert last["step"] == 4 and last["diverged"] is True
 
 
+def test_a_loss_far_above_its_start_stops_the_run(tmp_path, capsys):
+    """Finite but failing (the issue's --lr 10: 7.6 → 60 nats): the mean loss of a 10-step
+    window above 2 × the first step's stops the run with exit 3, a reason, summary.json."""
+    task = ToyTask(lambda i, loss: loss * 50 if i >= 20 else loss)
+    with pytest.raises(SystemExit) as e:
+        run_loop(tmp_path, task, steps=60, save_every=10)
+    assert e.value.code == 3
+    err = capsys.readouterr().err
+    assert "step 30: the run diverged: the mean training loss of steps 21-30" in err, err
+    assert "more than 2× the first step's" in err
+    last = metrics(tmp_path)[-1]
+    assert last["step"] == 30 and last["diverged"] is True and "first step" in last["reason"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["diverged"] is True and summary["step"] == 30
+    from ramda_ds.export.api import ExportError, export_run
+
+    assert saved_steps(tmp_path) == ["step_00000010", "step_00000020"]
+    with pytest.raises(ExportError, match="diverged at step 30 .*--allow_diverged"):
+        export_run(tmp_path, tmp_path / "exported")
+    assert not (tmp_path / "exported").exists()
+
+
+def test_a_throughput_drop_is_noted_once():
+    from ramda_ds.training.loop import slowdown
+
+    pace = dict(tokens=0, time=0.0, best=0.0, noted=False)
+    seen = [slowdown(pace, t, s) for t, s in ((1000, 1), (2000, 2), (2500, 4.5), (3000, 9))]
+    assert seen == [0.0, 0.0, 5.0, 0.0]
+
+
+def test_a_loss_rising_for_a_long_stretch_stops_the_run(tmp_path, capsys):
+    """A slow climb that never reaches 2 × the start: 5 window means in a row rose."""
+    from ramda_ds.training.loop import DivergenceWatch
+
+    task = ToyTask(lambda i, loss: loss.detach() * 0 + 1.0 + 0.004 * max(0, i - 30) + 0 * loss)
+    with pytest.raises(SystemExit) as e:
+        run_loop(tmp_path, task, steps=200, save_every=0)
+    assert e.value.code == 3
+    err = capsys.readouterr().err
+    assert "the training loss rose for 50 steps in a row" in err, err
+    assert metrics(tmp_path)[-1]["step"] == 80  # windows 21-30 < 31-40 < ... < 71-80
+    # a flat or falling loss with noise never stops; the state round-trips through JSON
+    w, g = DivergenceWatch(2.0), torch.Generator().manual_seed(0)
+    for step in range(1, 1001):
+        assert w.update(step, 3.0 + 5.0 / step + 0.3 * torch.rand(1, generator=g).item()) is None
+        if step == 500:
+            w = DivergenceWatch(2.0, state=json.loads(json.dumps(w.state())))
+    assert DivergenceWatch(0.0).update(1, math.inf) is None  # off
+
+
+def test_ctrl_c_saves_a_checkpoint_like_sigterm(tmp_path, capsys):
+    """SIGINT during step 3: the step finishes, a checkpoint of step 3 is saved, one line,
+    exit 130 (no KeyboardInterrupt traceback); --resume auto continues from it."""
+    import signal
+
+    def interrupt(i, loss):
+        if i == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+    with pytest.raises(SystemExit) as e:
+        run_loop(tmp_path, ToyTask(interrupt), steps=6, save_every=0)
+    assert e.value.code == 130
+    out = capsys.readouterr()
+    assert "SIGINT (Ctrl-C): saved" in out.out and "step 3; resume with --resume auto" in out.out
+    assert saved_steps(tmp_path) == ["step_00000003"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    run_loop(tmp_path, ToyTask(), steps=6, resume="auto", save_every=0)
+    assert saved_steps(tmp_path)[-1] == "step_00000006"
+
+
+def test_huge_perplexities_print_in_four_digits():
+    from ramda_ds.training.loop import final_report, fmt
+
+    assert fmt(93.3214) == "93.32" and fmt(1.0335e87) == "1.034e+87" and fmt(math.inf) == "inf"
+    line = final_report(dict(step=5, valid_ppl_W=1.0335e87, wgs_W=0.5), None, "1 s")
+    assert "validation perplexity 1.034e+87" in line and len(line) < 120
+
+
 def test_an_infinite_perplexity_is_reported_and_not_saved(tmp_path, capsys):
     task = ToyTask(ppl=lambda n: math.inf if n == 2 else 5.0)
     with pytest.raises(SystemExit) as e:
@@ -418,6 +496,36 @@ def parse(argv):
 def test_bad_values_are_refused_with_a_message(args, msg):
     with pytest.raises(SystemExit, match=msg):
         parse(args)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--stpes", "3"], "unknown option --stpes; did you mean --steps"),
+    (["--learning_rate", "3"], "unknown option --learning_rate; did you mean --lr?"),
+    (["--steps", "x"], "argument --steps: invalid int value: 'x'"),
+    (["--diverge_factor", "0.5"], None),
+])
+def test_a_mistyped_flag_is_one_line_with_the_closest_flag(argv, msg, capsys):
+    if msg is None:
+        with pytest.raises(SystemExit, match="diverge_factor must be > 1"):
+            parse(argv)
+        return
+    with pytest.raises(SystemExit) as e:
+        parse(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and msg in err[0], err
+
+
+def test_a_deepspeed_config_with_an_optimizer_is_refused(tmp_path, monkeypatch):
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"zero_optimization": {"stage": 2},
+                               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(cfg))
+    with pytest.raises(SystemExit, match=r"has a section \"optimizer\" \('AdamW'\): ramda_ds "
+                                         r"supplies the optimizer \(ramda\)"):
+        parse(["--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("which", ["train_file", "valid_file"])

@@ -21,10 +21,11 @@ from test_train_lm import run
 
 EXAMPLE = str(ROOT / "launch" / "hf_trainer_example.py")
 # global batch 4 (4 × 1 process or 2 × 2 ranks), 4 optimizer steps, checkpoints at 2 and 4;
-# momentum (c) = 1 makes W = Ŵ, so the saved weights hold exact zeros after the first step
+# momentum (c) = 1 makes W = Ŵ, so the saved weights hold exact zeros after the first step. The
+# Trainer's default linear decay: a resumed run must continue the schedule's lr, not restart it
 COMMON = ["--block_size", "16", "--max_steps", "4", "--save_steps", "2", "--logging_steps", "2",
           "--learning_rate", "1e-2", "--lam", "1e-3", "--momentum", "1", "--lr_scheduler_type",
-          "constant", "--weight_decay", "0", "--report_to", "none", "--seed", "0",
+          "linear", "--weight_decay", "0", "--report_to", "none", "--seed", "0",
           "--disable_tqdm", "true"]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
 
@@ -203,10 +204,52 @@ def test_zero3_with_the_native_kernels_gives_the_same_run(runs):
 
 
 def test_trainer_checkpoint_resumed_equals_uninterrupted(runs):
+    """Bitwise, under the linear lr decay: the step after the resume runs at the scheduler's lr
+    (the ramda_ds state does not carry the groups' lr; before the fix it ran at the initial lr)."""
     ref, resumed = runs.get("ref"), runs.get("resumed")
     a, b = weights(ref), weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise: data order, RNG and state continue
     assert train_rows(ref) == train_rows(resumed)  # loss, grad norm, WGS, units, solver iterations
+    lrs = [r["learning_rate"] for r in train_rows(ref)]
+    assert lrs[0] > lrs[1] > 0  # the schedule really decays
+
+
+def test_example_refuses_in_one_line_before_anything_is_written(runs, tmp_path):
+    """Mistakes at the command line of the example: one line each, exit 2 (flags) or 1, nothing
+    written; an output_dir with an earlier run's checkpoints needs --resume_from_checkpoint or
+    --overwrite_output_dir; a DeepSpeed config with an optimizer is refused before loading."""
+    d = runs.get("ref").parent
+    base = [sys.executable, EXAMPLE, "--model_path", "llama", "--use_cpu", "--report_to", "none"]
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2}, "optimizer": {"type": "AdamW"},
+                              "train_micro_batch_size_per_gpu": "auto"}))
+    cases = [(["--train_file", "train.txt", "--output_dir", "x1", "--lerning_rate", "1"], 2,
+              "unknown option --lerning_rate; did you mean --learning_rate"),
+             (["--output_dir", "x2"], 2, "the following arguments are required: --train_file"),
+             (["--train_file", "nope.txt", "--output_dir", "x3"], 1, "--train_file nope.txt not found"),
+             (["--train_file", "train.txt", "--output_dir", "ref"], 1,
+              "holds checkpoints of an earlier run (checkpoint-2, checkpoint-4): pass "
+              "--resume_from_checkpoint ref/checkpoint-4"),
+             (["--train_file", "train.txt", "--output_dir", "x4", "--weight_decay", "0.1"], 1,
+              "set weight_decay=0")]
+    for argv, code, msg in cases:
+        p = run([*base, *argv], d)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == code and msg in lines[-1] and "Traceback" not in p.stderr, p.stderr
+    assert not [x for x in d.glob("x*")]
+    p = run([*base, "--train_file", "train.txt", "--output_dir", "x5", "--deepspeed", str(ds)], d)
+    assert p.returncode == 1 and 'remove its "optimizer" section' in p.stderr.splitlines()[-1], \
+        p.stderr[-3000:]
+    # 2 ranks: the refusal is the first line, once (rank 0), before the launcher's own report
+    p = run([*ACCELERATE, "--config_file", str(ROOT / "configs" / "accelerate" / "ddp.yaml"),
+             "--main_process_port", str(free_port()), EXAMPLE, "--model_path", "llama",
+             "--train_file", "train.txt", "--output_dir", "x6", "--ddp_backend", "gloo",
+             "--weight_decay", "0.1", "--report_to", "none"], d)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode != 0 and lines[0] == (
+        "hf_trainer_example.py: error: weight_decay=0.1 would be ignored: ramda_ds optimizers "
+        "regularize with RamdaConfig(lam=...); set weight_decay=0"), p.stderr[-3000:]
+    assert sum("weight_decay=0.1" in x for x in lines) == 1 and not (d / "x6").exists()
 
 
 def test_zero2_two_ranks_with_accumulation_equal_one_process(runs):

@@ -3,6 +3,8 @@
 import argparse
 import sys
 
+import ramda_ds.quiet  # noqa: F401  (quiet DeepSpeed import on CPU)
+
 from .api import ExportError, export_run
 
 
@@ -23,10 +25,13 @@ def main(argv=None) -> int:
                     help="structured: RAMDA's Ŵ (exactly sparse at every step); W: the weights")
     ap.add_argument("--base_model", default=None,
                     help="the HF directory the run started from (default: recorded by the run)")
+    ap.add_argument("--allow_diverged", action="store_true",
+                    help="export a run that the training loop stopped as diverged (recorded in "
+                    "pruning.json)")
     a = ap.parse_args(argv)
     try:
         export_run(a.checkpoint, a.out, layout=a.layout, multiple_of=a.multiple_of,
-                   weights=a.weights, base_model=a.base_model)
+                   weights=a.weights, base_model=a.base_model, allow_diverged=a.allow_diverged)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -151,16 +151,32 @@ def setup_field(run_dir: Path, key: str):
 
 
 def export_run(checkpoint, out, *, layout="per_layer", multiple_of=1, weights="structured",
-               base_model=None, verbose=True) -> dict:
+               base_model=None, verbose=True, allow_diverged=False) -> dict:
     """Export a run checkpoint or a RamdaTrainer checkpoint (any world size, any backend). The
     base model directory (for the config, tokenizer, tied and frozen tensors) is the one the run
-    recorded unless given. Returns the report also written to ``out/pruning.json``."""
+    recorded unless given. A run the training loop stopped as diverged is refused unless
+    ``allow_diverged`` (then recorded as ``source.run_diverged``). Prints which checkpoint it
+    reads. Returns the report also written to ``out/pruning.json``."""
     out = Path(out)
     if out.exists():
         raise ExportError(f"output directory {out} exists; choose a new one (nothing was written)")
+    kind, found = find_checkpoint(checkpoint)
+    run_dir = found.parent.parent if kind == "run" else None
+    bad = run_diverged(run_dir)
+    if bad and not allow_diverged:
+        raise ExportError(f"the run in {run_dir} diverged at step {bad.get('step')} "
+                          f"({bad.get('reason', 'see metrics.jsonl')}); its checkpoints come from "
+                          "a failing run. Rerun with a lower --lr, or pass --allow_diverged to "
+                          f"export {found.name} anyway (nothing was written)")
     tensors, info, ckpt = read_checkpoint(checkpoint, weights)
+    if verbose:
+        print(f"exporting {ckpt} ({info['kind']} checkpoint, step {info['step']}, "
+              f"{info['world_size']} rank(s), {info['optimizer']})" +
+              (f"; WARNING: the run diverged at step {bad.get('step')}" if bad else ""), flush=True)
     source = {k: (str(v) if isinstance(v, Path) else v) for k, v in info.items()
               if k not in ("run_dir", "model_config", "base_model")}
+    if bad:
+        source["run_diverged"] = dict(step=bad.get("step"), reason=bad.get("reason"))
     own = own_family(base_model, info["model_config"])
     if own is not None:  # e.g. the project's Transformer-XL (launch/train_lm.py records its config)
         fam, cfg = own
@@ -364,6 +380,22 @@ def export_weights(tensors: dict, out: Path, *, config=None, base_model=None, la
         (tmp / "pruning.json").write_text(json.dumps(report, indent=1))
     write_atomically(out, write)
     return report
+
+
+def run_diverged(run_dir) -> dict | None:
+    """The ``"diverged": true`` row of a run's metrics.jsonl (the training loop stopped it), or
+    None."""
+    metrics = Path(run_dir) / "metrics.jsonl" if run_dir else None
+    if metrics is None or not metrics.exists():
+        return None
+    for line in metrics.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("diverged"):
+            return row
+    return None
 
 
 def make_report(fam, cfg, sd, pruned, keeps, zeros, sizes, layout, multiple_of, weights, rel,

@@ -41,8 +41,10 @@ def write_atomically(out: Path, write) -> None:
 
 
 def copy_tokenizer(base_model, run_dir, dest: Path, modulo: bool = True) -> str | None:
-    """The base model's HF tokenizer, else the SentencePiece model the run trained (its ids were
-    taken modulo the vocabulary), else None."""
+    """The base model's HF tokenizer, else the SentencePiece model the run trained, rebuilt as
+    ``tokenizer.json`` (:func:`ramda_ds.tokenization.sentencepiece_as_hf`; the ``.model`` is
+    copied next to it as ``sentencepiece.model``), else None. Either way
+    ``AutoTokenizer.from_pretrained(dest)`` loads what is written, without custom code."""
     if base_model and any((Path(base_model) / f).exists() for f in TOKENIZER_FILES):
         from transformers import AutoTokenizer
 
@@ -51,8 +53,11 @@ def copy_tokenizer(base_model, run_dir, dest: Path, modulo: bool = True) -> str 
     if run_dir is not None:
         sp = sorted((Path(run_dir) / "data").glob("sp*.model"))
         if sp:
+            from ..tokenization import sentencepiece_as_hf
+
+            sentencepiece_as_hf(str(sp[-1])).save_pretrained(dest)
             shutil.copy(sp[-1], dest / "sentencepiece.model")
-            return (f"sentencepiece.model: trained by the run ({sp[-1]})" +
+            return (f"tokenizer.json: the SentencePiece model trained by the run ({sp[-1]})" +
                     ("; ids are taken modulo vocab_size" if modulo else ""))
     return None
 

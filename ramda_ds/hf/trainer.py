@@ -22,7 +22,7 @@ is the ramda_ds one. What it changes, and why:
 * Refused before training, with what to change: a DeepSpeed config with an ``"optimizer"``
   section, ZeRO-Offload, FSDP1, ``weight_decay > 0`` (the regularizer is ``lam``).
 
-Written against transformers 5.24: it overrides the private ``_prepare_for_training``,
+Written against transformers 5.24, tested on 5.25 (pyproject.toml admits >=5.24,<5.26): it overrides the private ``_prepare_for_training``,
 ``_save_optimizer_and_scheduler`` and ``_load_optimizer_and_scheduler``.
 """
 
@@ -270,6 +270,7 @@ class RamdaMixin:
         sched = Path(checkpoint) / "scheduler.pt"
         if self.lr_scheduler is not None and sched.exists():
             self.lr_scheduler.load_state_dict(torch.load(sched, weights_only=True))
+            restore_scheduled_lr(self.lr_scheduler)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # a model sharded with fully_shard outside accelerate (CPU): its weights come with the
@@ -337,6 +338,27 @@ def check_compression(r: RamdaConfig) -> None:
     if not 0 <= r.distill <= 1 or r.distill_temperature <= 0:
         raise ValueError(f"distill must be in [0, 1] and distill_temperature > 0, got "
                          f"{r.distill}, {r.distill_temperature}")
+
+
+def restore_scheduled_lr(scheduler) -> None:
+    """Write the lr a loaded scheduler holds for the next step into its optimizer's groups.
+
+    A torch optimizer's ``load_state_dict`` brings back each group's ``lr`` (which is why a
+    resumed AdamW is exact); the ramda_ds state does not carry it, and ``LRScheduler.
+    load_state_dict`` only restores the scheduler's counters: without this the first step after a
+    resume ran at the lr the fresh scheduler set at construction (the initial lr: 0.01 instead of
+    the decayed 0.005 in the test), so resumed ≠ uninterrupted under any non-constant schedule."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler
+    get_last = getattr(inner, "get_last_lr", None)
+    opt = getattr(inner, "optimizer", None)
+    if get_last is None or opt is None:
+        return
+    lrs = get_last()
+    if len(lrs) != len(opt.param_groups):
+        raise ValueError(f"the checkpoint's scheduler has {len(lrs)} learning rates for "
+                         f"{len(opt.param_groups)} param groups: it belongs to another optimizer")
+    for group, lr in zip(opt.param_groups, lrs):
+        group["lr"] = lr
 
 
 class RamdaTrainer(RamdaMixin, Trainer):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from ..tokenization import sentencepiece_as_hf  # noqa: F401 (the public name here too)
+
 
 def default_corpus(cache_dir) -> list[str]:
     """Python's bundled pydoc topics as train/valid text files (95% / 5% of the topics)."""
@@ -35,6 +37,7 @@ def load_lines(path: str):
     import datasets
 
     _offline()
+    datasets.disable_progress_bars()  # "Generating train split" bars for a local text file
     if path.startswith("hf:"):
         name, _, split = path[3:].partition("@")
         name, _, config = name.partition(":")
@@ -109,3 +112,33 @@ def segments(streams: torch.Tensor, tgt_len: int):
     for t in range(0, T - 1, tgt_len):
         L = min(tgt_len, T - 1 - t)
         yield streams[:, t:t + L], streams[:, t + 1:t + 1 + L]
+
+
+# ---------------------------------------------------------------- Hugging Face tokenizers
+SPECIAL = ("<unk>", "<s>", "</s>")  # ids 0, 1, 2: Llama's unk / bos / eos
+
+
+def train_bpe_tokenizer(text_file: str, vocab_size: int):
+    """A byte-level BPE tokenizer (the ``tokenizers`` library, GPT-2 style: every text encodes,
+    no unknown token needed) trained on ``text_file``, as a ``PreTrainedTokenizerFast`` whose
+    ``save_pretrained`` writes ``tokenizer.json``: ``AutoTokenizer`` loads it without custom code
+    or sentencepiece. Ids 0-2 are ``<unk>``, ``<s>``, ``</s>``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train([text_file], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=SPECIAL[0], bos_token=SPECIAL[1],
+                                   eos_token=SPECIAL[2], pad_token=SPECIAL[2])
+
+
+if __name__ == "__main__":  # python -m ramda_ds.training.data DIR: the default corpus as files
+    import sys
+
+    for f in default_corpus(sys.argv[1] if len(sys.argv) > 1 else "runs/corpus"):
+        print(f)

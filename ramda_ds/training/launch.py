@@ -53,10 +53,51 @@ def read_args(cls, argv=None):
             action.help = "default: %(default)r"
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith((".yaml", ".yml")):
-        (args,) = parser.parse_yaml_file(argv[0])
-    else:
-        (args,) = parser.parse_args_into_dataclasses(argv)
+        try:
+            (args,) = parser.parse_yaml_file(argv[0])
+        except ValueError as e:  # "Some keys are not used by the HfArgumentParser: [...]"
+            raise SystemExit(f"{argv[0]}: {e}; see --help for the options") from None
+        return args
+    (args,) = parse_cli(parser, argv)
     return args
+
+
+#: TrainingArguments' names of the launch scripts' options (suggested for a mistyped flag)
+HF_SPELLINGS = {"--learning_rate": "--lr", "--max_steps": "--steps", "--num_train_epochs": "--steps",
+                "--per_device_train_batch_size": "--batch_size",
+                "--gradient_accumulation_steps": "--grad_accum", "--max_grad_norm": "--grad_clip",
+                "--save_steps": "--save_every", "--eval_steps": "--eval_every",
+                "--save_total_limit": "--keep_last", "--resume_from_checkpoint": "--resume",
+                "--model_name_or_path": "--model_path", "--weight_decay": "--lam"}
+
+
+def parse_cli(parser, argv=None) -> tuple:
+    """``parser.parse_args_into_dataclasses(argv)`` (an ``HfArgumentParser``), except that an
+    unknown flag is one line naming it and the closest known flags (HfArgumentParser raises a
+    ValueError with a traceback), exit 2 as argparse's own errors."""
+    import difflib
+
+    def error(message):  # argparse's errors without its usage block (hundreds of lines for
+        print(f"{parser.prog}: error: {message} (see --help)", file=sys.stderr)  # Trainer flags)
+        raise SystemExit(2)
+
+    parser.error = error
+    argv = sys.argv[1:] if argv is None else argv
+    *out, rest = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+    if rest:
+        known = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+        unknown = [r for r in rest if r.startswith("-")] or rest
+        first = unknown[0].split("=", 1)[0]
+        close = difflib.get_close_matches(first, known, n=3, cutoff=0.6)
+        alias = difflib.get_close_matches(first, list(HF_SPELLINGS), n=1, cutoff=0.8)
+        if alias and HF_SPELLINGS[alias[0]] in known:  # e.g. --learning_rate: this script's --lr
+            close = [HF_SPELLINGS[alias[0]]]
+        hint = f"; did you mean {' or '.join(close)}?" if close else "; see --help for the options"
+        what = "unknown option" if first.startswith("-") else "unexpected argument"
+        print(f"{parser.prog}: error: {what} {first}" + (f" (and {unknown[1:]})" if
+              len(unknown) > 1 else "") + hint, file=sys.stderr)
+        raise SystemExit(2)
+    return tuple(out)
 
 
 def validate_common(a, files) -> None:
@@ -79,6 +120,9 @@ def validate_common(a, files) -> None:
             averaging_weight(None, a.momentum)  # refuses torch-convention values such as 0.9
         except ValueError as e:
             raise SystemExit(str(e)) from None
+    factor = getattr(a, "diverge_factor", 2.0)
+    if not (math.isfinite(factor) and (factor == 0 or factor > 1)):
+        raise SystemExit(f"diverge_factor must be > 1 (or 0: off), got {factor}")
     if not (math.isfinite(a.grad_clip) and a.grad_clip >= 0):
         raise SystemExit(f"grad_clip must be >= 0 (0: no clipping), got {a.grad_clip}")
     if getattr(a, "solver", "pg") not in ("pg", "exact"):
@@ -126,6 +170,30 @@ def validate_common(a, files) -> None:
         raise SystemExit(f"output_dir {a.output_dir} exists and is not a directory")
     check_resume_target(a)
     check_validation_set(a)
+    check_deepspeed_config(a.optimizer)
+
+
+def check_deepspeed_config(optimizer: str, path: str | None = None) -> None:
+    """A DeepSpeed config file (``accelerate launch --deepspeed_config_file``, or
+    ``deepspeed_config_file`` in an accelerate config) with an ``"optimizer"`` or ``"scheduler"``
+    section would replace the ramda_ds optimizer or its restart schedule (accelerate then asks for
+    ``DummyOptim``, which drops RAMDA): refused before anything is loaded."""
+    import json
+
+    path = path or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if path in ("", "none") or os.environ.get("ACCELERATE_USE_DEEPSPEED", "true") != "true":
+        return
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"cannot read the DeepSpeed config {path}: {e}") from None
+    for key, what in (("optimizer", "the optimizer"), ("scheduler", "the learning-rate schedule")):
+        if isinstance(cfg, dict) and key in cfg:
+            name = (cfg[key] or {}).get("type") if isinstance(cfg[key], dict) else None
+            raise SystemExit(f"the DeepSpeed config {path} has a section \"{key}\" ({name!r}): "
+                             f"ramda_ds supplies {what} ({optimizer}); remove the section (the "
+                             "scripts set micro batch, clipping and zero_allow_untested_optimizer "
+                             "themselves)")
 
 
 def _has_text(path: Path) -> bool:
@@ -262,12 +330,12 @@ def run_to_end(acc, fn):
     """``fn()``, then every rank meets before the process group goes (gloo aborts a process whose
     peer left first). Also after a SIGTERM checkpoint (all ranks stop together); not after an
     error, where waiting for peers would hide the failure from the launcher."""
-    from .loop import PREEMPTED_EXIT
+    from .loop import STOPPED_EXITS
 
     try:
         out = fn()
     except SystemExit as e:
-        if e.code == PREEMPTED_EXIT:
+        if e.code in STOPPED_EXITS:
             _finish(acc)
         raise
     _finish(acc)
@@ -286,17 +354,24 @@ def _finish(acc) -> None:
 
 def main_entry(main) -> None:
     """A launch script's ``__main__``: run ``main()``, then end the process with
-    :func:`~ramda_ds.training.world.exit_process` (0, or the SIGTERM checkpoint's exit code)
-    once every rank is done; errors propagate as usual (a traceback and exit code 1)."""
-    from .loop import PREEMPTED_EXIT
+    :func:`~ramda_ds.training.world.exit_process` (0, or the SIGTERM / Ctrl-C checkpoint's exit
+    code) once every rank is done; a Ctrl-C outside the training loop (while loading, or a second
+    one) is one line and exit 130; errors propagate as usual (a traceback and exit code 1)."""
+    from .loop import INTERRUPTED_EXIT, STOPPED_EXITS
     from .world import exit_process
 
     try:
         main()
     except SystemExit as e:
-        if e.code == PREEMPTED_EXIT:
-            exit_process(PREEMPTED_EXIT)
+        if e.code in STOPPED_EXITS:
+            exit_process(e.code)
         raise
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            print("\ninterrupted (Ctrl-C) outside a step boundary: no checkpoint was written for "
+                  "this point (earlier checkpoints, if any, are kept; --resume auto continues the "
+                  "latest)", file=sys.stderr, flush=True)
+        exit_process(INTERRUPTED_EXIT)
     exit_process(0)
 
 
@@ -374,4 +449,5 @@ def loop_config(a, **extra):
     return LoopConfig(steps=a.steps, output_dir=a.output_dir, grad_accum=a.grad_accum,
                       grad_clip=a.grad_clip, eval_every=a.eval_every, save_every=a.save_every,
                       keep_last=a.keep_last, resume=a.resume,
-                      allow_hparam_change=a.allow_hparam_change, **extra)
+                      allow_hparam_change=a.allow_hparam_change,
+                      diverge_factor=getattr(a, "diverge_factor", 2.0), **extra)

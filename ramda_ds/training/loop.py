@@ -7,15 +7,23 @@ batches the uninterrupted run would have read (position = step × grad_accum, ch
 
 Divergence stops the run with exit code 3 and nothing of the diverged state saved: a non-finite
 gradient (the optimizer's FloatingPointError), a mean training loss that is not finite or whose
-perplexity exp(loss) overflows (loss > 709.78 nats), or a non-finite evaluation value (e.g.
-validation perplexity inf). A training loss or gradient of step k measures the state after step
-k − 1: a checkpoint of step k − 1 is therefore moved to ``checkpoints/diverged/`` and ``latest``
-points at the newest earlier one; all other checkpoints stay.
+perplexity exp(loss) overflows (loss > 709.78 nats), a non-finite evaluation value (e.g.
+validation perplexity inf), or a run that is failing while its numbers are still finite
+(:class:`DivergenceWatch`: the mean loss of a window of steps above ``diverge_factor`` × the first
+step's loss, or rising window after window for a long stretch). A training loss or gradient of
+step k measures the state after step k − 1: a checkpoint of step k − 1 is therefore moved to
+``checkpoints/diverged/`` and ``latest`` points at the newest earlier one; all other checkpoints
+stay. The stop writes a ``"diverged": true`` row to metrics.jsonl and ``summary.json``.
+
+SIGINT (Ctrl-C) is handled like SIGTERM: checkpoint at the next step boundary, one line, exit 130
+(a second Ctrl-C interrupts at once).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import signal
 import sys
 import time
@@ -31,6 +39,8 @@ from .run_checkpoint import KEEP_LAST, RunCheckpointer, restore_rng, rng_state
 from .run_logger import RunLogger
 
 PREEMPTED_EXIT = 143  # 128 + SIGTERM: schedulers and torchrun --max-restarts treat it as a failure
+INTERRUPTED_EXIT = 130  # 128 + SIGINT (Ctrl-C), after its checkpoint
+STOPPED_EXITS = (PREEMPTED_EXIT, INTERRUPTED_EXIT)  # every rank stops together, checkpoint saved
 DIVERGED_EXIT = 3  # a restart with the same settings would diverge again
 LOG_MAX = math.log(sys.float_info.max)  # exp(loss) overflows beyond this (709.78)
 
@@ -47,6 +57,7 @@ class LoopConfig:
     resume: str = ""  # "", "auto" (latest under output_dir/checkpoints) or a checkpoint directory
     allow_hparam_change: bool = False  # resume although λ / regularizer / grouping changed
     structured: bool = False  # also evaluate RAMDA's Ŵ (keep_structured=True): the headline model
+    diverge_factor: float = 2.0  # DivergenceWatch; 0: only non-finite numbers stop the run
 
 
 class Task(Protocol):
@@ -59,25 +70,109 @@ class Task(Protocol):
 
 
 class Preemption:
-    """SIGTERM sets a flag; ranks agree on it at the next step boundary (:func:`step_boundary`)."""
+    """SIGTERM or SIGINT (Ctrl-C) sets a flag; ranks agree on it at the next step boundary
+    (:func:`step_boundary`), save and stop. A second SIGINT interrupts at once (KeyboardInterrupt)."""
 
     def __init__(self):
-        self.flag = False
-        self._old = signal.signal(signal.SIGTERM, self._handler)
+        self.flag = 0.0  # 0, or the signal number that asked to stop
+        self._old = {s: signal.signal(s, self._handler) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handler(self, signum, frame):
-        self.flag = True
+        if signum == signal.SIGINT and self.flag:
+            raise KeyboardInterrupt
+        self.flag = float(signum)
+        if signum == signal.SIGINT and os.environ.get("RANK", "0") == "0":
+            print("\nCtrl-C: saving a checkpoint at the end of this step (Ctrl-C again to stop "
+                  "without it)", file=sys.stderr, flush=True)
 
     def close(self):
-        signal.signal(signal.SIGTERM, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
 
 
-def step_boundary(acc, preempt, losses) -> tuple[bool, float]:
-    """(SIGTERM on any rank, mean training loss of the step over all ranks): one all-reduce."""
-    flag = float(preempt.flag) if preempt else 0.0
+def step_boundary(acc, preempt, losses) -> tuple[int, float]:
+    """(the stop signal of any rank or 0, mean training loss of the step over all ranks): one
+    all-reduce (SIGTERM wins when ranks got different signals)."""
+    flag = preempt.flag if preempt else 0.0
     t = torch.stack([torch.tensor(flag, device=acc.device), torch.stack(losses).mean().float()])
-    t = world_sum_(t)
-    return bool(t[0].item() > 0), t[1].item() / acc.num_processes
+    t = world_sum_(torch.stack([t[0], (t[0] == signal.SIGTERM).float(), t[1]]))
+    sig = 0 if t[0].item() == 0 else int(signal.SIGTERM) if t[1].item() > 0 else int(signal.SIGINT)
+    return sig, t[2].item() / acc.num_processes
+
+
+class DivergenceWatch:
+    """A run that fails while its numbers are still finite (e.g. too large an lr): the training
+    loss is averaged over windows of ``window`` steps; the run is failing when a window's mean is
+    above ``factor`` × the loss of its first step (a model much worse than the one it started
+    from), or when ``rising`` window means in a row each rose and the last is 10% above the best
+    window (a loss that climbs for rising × window steps). ``factor = 0`` switches it off. The
+    state goes into checkpoints, so a resumed run watches exactly as the uninterrupted one."""
+
+    def __init__(self, factor: float, window: int = 10, rising: int = 5, state: dict | None = None):
+        self.factor, self.window, self.rising = factor, window, rising
+        s = state or {}
+        self.first, self.best = s.get("first"), s.get("best")
+        self.means, self.sum, self.n = list(s.get("means", [])), s.get("sum", 0.0), s.get("n", 0)
+
+    def state(self) -> dict:
+        return dict(first=self.first, best=self.best, means=self.means, sum=self.sum, n=self.n)
+
+    def update(self, step: int, loss: float, rise_expected: bool = False) -> str | None:
+        """The reason the run is failing after ``step``'s mean training ``loss``, or None.
+        ``rise_expected``: the loss is meant to rise now (a size target removing units), so only
+        the far-above-start rule applies, and a rising stretch counts from when it ends."""
+        if not self.factor:
+            return None
+        if self.first is None:
+            self.first = loss
+        self.sum, self.n = self.sum + loss, self.n + 1
+        if self.n < self.window:
+            return None
+        m, self.sum, self.n = self.sum / self.n, 0.0, 0
+        self.best = m if self.best is None else min(self.best, m)
+        self.means = (self.means + [m])[-(self.rising + 1):]
+        w = self.window
+        if self.first > 0 and m > self.factor * self.first:
+            return (f"the mean training loss of steps {step - w + 1}-{step}, {m:.4g}, is more than "
+                    f"{self.factor:g}× the first step's {self.first:.4g}")
+        if rise_expected:
+            self.means, self.best = [m], m
+            return None
+        ms = self.means
+        if len(ms) > self.rising and all(b > a for a, b in zip(ms, ms[1:])) and \
+                m > 1.1 * self.best > 0:
+            return (f"the training loss rose for {self.rising * w} steps in a row (mean of "
+                    f"{w} steps: {ms[0]:.4g} → {m:.4g} at step {step}; best {self.best:.4g})")
+        return None
+
+
+def fmt(value) -> str:
+    """A number for a progress line: 2 decimals while short, 4 significant digits when huge."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return str(value)
+    return f"{value:.2f}" if math.isfinite(value) and abs(value) < 1e5 else f"{value:.4g}"
+
+
+def slowdown(pace: dict, tokens: int, train_time: float, ratio: float = 5.0) -> float:
+    """Updates ``pace`` with the throughput since the last evaluation; returns how many times
+    slower it is than the best interval so far when that is ≥ ``ratio`` (once per run), else 0."""
+    dt = train_time - pace["time"]
+    rate = (tokens - pace["tokens"]) / dt if dt > 0 else 0.0
+    pace.update(tokens=tokens, time=train_time, rate=rate)
+    if rate <= 0:
+        return 0.0
+    pace["best"] = max(pace["best"], rate)
+    if pace["noted"] or pace["best"] < ratio * rate:
+        return 0.0
+    pace["noted"] = True
+    return pace["best"] / rate
+
+
+def solver_cap(opt) -> int:
+    """The subproblem solver's iteration cap of the optimizer (0: it has no solver)."""
+    if opt is None:
+        return 0
+    return max((g.get("max_iters", 0) for g in opt.param_groups), default=0)
 
 
 def diverged(value: float) -> bool:
@@ -212,15 +307,22 @@ def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict, hooks=None)
     recipe_row: dict = {}
     rows, tokens, train_time, start = [], 0, 0.0, step
     batches = task.batches(position)
+    watch = DivergenceWatch(cfg.diverge_factor, state=loaded.meta.get("watch") if loaded else None)
+    capped = []  # evaluations at which the subproblem solver hit its iteration cap
+    pace = dict(tokens=0, time=0.0, best=0.0, noted=False)  # throughput between evaluations
 
     def stop_diverged(at: int, why: str, row: dict, before: bool):
         """Log the row, set aside a checkpoint of the diverged state, say what is kept, exit.
         ``before``: ``why`` was measured on the state of step ``at - 1`` (a training loss or
         gradient of step ``at``), which may have been saved. Every rank gets here together."""
-        rows.append(dict(row, step=at, diverged=True))
+        rows.append(dict(row, step=at, diverged=True, reason=why))
         log.log(rows[-1])
+        if acc.is_main_process:  # the run's summary says it failed (export refuses such a run)
+            (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(
+                dict(diverged=True, step=at, reason=why, loss=row.get("loss")), indent=1))
         # ``before``: the checkpoint of step at - 1, if any, holds the diverged state
         moved, latest = ckpt.discard(at - 1 if before else at) if ckpt else (False, None)
+        log.close()  # the bar ends its line before the message
         if acc.is_main_process:
             print(f"step {at}: the run diverged: {why}. Stopped without saving this state" +
                   (f"; the checkpoint of step {at - 1}, which holds the state that diverged, was "
@@ -262,6 +364,10 @@ def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict, hooks=None)
             stop, mean_loss = step_boundary(acc, preempt, losses)
             if diverged(mean_loss):
                 stop_diverged(step, f"mean training loss {mean_loss:g}", dict(loss=mean_loss), True)
+            failing = watch.update(step, mean_loss, rise_expected=recipe_row.get("stage") in (
+                "identify", "freeze"))
+            if failing:
+                stop_diverged(step, failing, dict(loss=mean_loss), True)
             if not stop and (step % cfg.eval_every == 0 or step == cfg.steps):
                 structured = cfg.structured and ramda is not None
                 row = dict(step=step, loss=mean_loss, **recipe_row,
@@ -274,11 +380,29 @@ def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict, hooks=None)
                 rows.append(row)
                 log.log(row)
                 log.message(f"step {step}: loss {row['loss']:.3f}" + "".join(
-                    f", {name} {row[k]:.{d}f}" for k, name, d in (
+                    f", {name} {fmt(row[k]) if d == 2 else f'{row[k]:.3f}'}" for k, name, d in (
                         ("valid_ppl_structured", "ppl(Ŵ)", 2), ("wgs_structured", "wgs(Ŵ)", 3),
                         ("valid_ppl_W", "ppl(W)", 2), ("wgs_W", "wgs(W)", 3)) if k in row))
+                slower = slowdown(pace, tokens, train_time)
+                if slower:
+                    log.message(f"note: training runs {slower:.0f}× slower than earlier in this run "
+                                f"({pace['best']:.0f} → {pace['rate']:.0f} tokens/s). Other work on "
+                                "the machine does this; so do subnormal (denormal) floats on CPU "
+                                "in a model whose weights blow up (measured: train_lm.py --lr 10 "
+                                "--diverge_factor 0 ran 11× slower from step 150; "
+                                "torch.set_flush_denormal(True) removed it, same numbers)")
+                cap = solver_cap(ramda)
+                if cap and row.get("solver_iters_max", 0) >= cap:
+                    if not capped:
+                        log.message(f"note: the subproblem solver ran into its iteration cap "
+                                    f"({cap}) at step {step}: each step now costs up to {cap} "
+                                    "solver iterations, which slows training down. A too large "
+                                    "--lr (or --lam) does this; a run whose loss also climbs is "
+                                    "diverging")
+                    capped.append(step)
             if ckpt and (stop or step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0)):
-                meta = dict(task.meta(), grad_accum=cfg.grad_accum, position=position)
+                meta = dict(task.meta(), grad_accum=cfg.grad_accum, position=position,
+                            watch=watch.state())
                 if hooks is not None:
                     meta["compress"] = hooks.state_dict()
                 try:
@@ -290,8 +414,10 @@ def train(acc, model, opt, task: Task, cfg: LoopConfig, setup: dict, hooks=None)
                           f"and {ckpt.root / 'latest'} are intact: {e}", file=sys.stderr, flush=True)
                     raise SystemExit(1) from None
                 if stop:
-                    log.message(f"SIGTERM: saved {where} at step {step}; resume with --resume auto")
-                    raise SystemExit(PREEMPTED_EXIT)
+                    name = "SIGTERM" if stop == signal.SIGTERM else "SIGINT (Ctrl-C)"
+                    log.message(f"{name}: saved {where} at step {step}; resume with --resume auto")
+                    raise SystemExit(PREEMPTED_EXIT if stop == signal.SIGTERM else
+                                     INTERRUPTED_EXIT)
     finally:
         if preempt:
             preempt.close()
@@ -311,10 +437,12 @@ def final_report(last: dict, opt, timing: str) -> str:
     evaluated, and how to make W exactly sparse when it is not."""
     label, key = headline(last)
     text = (f"step {last['step']}: {label}: validation perplexity "
-            f"{last.get(f'valid_ppl_{key}', math.nan):.2f}, weighted group sparsity "
+            f"{fmt(last.get(f'valid_ppl_{key}', math.nan))}, weighted group sparsity "
             f"{last.get(f'wgs_{key}', 0.0):.3f}")
-    if key == "structured":
-        text += (f"; weights W: validation perplexity {last.get('valid_ppl_W', math.nan):.2f}, "
+    if key == "structured" and last.get("W_is_structured"):
+        text += "; the weights W are exactly Ŵ (c reached 1)"
+    elif key == "structured":
+        text += (f"; weights W: validation perplexity {fmt(last.get('valid_ppl_W', math.nan))}, "
                  f"weighted group sparsity {last.get('wgs_W', 0.0):.3f}")
     text += f" ({timing})"
     if key == "structured" and not last.get("W_is_structured"):
