@@ -306,6 +306,39 @@ class Bench:
         return rows
 
 
+def kd_cost(b: Bench, a, steps: int = 20, rounds: int = 3) -> str:
+    """What distillation adds to a training step: blocks of ``steps`` steps with and without the
+    teacher, interleaved ``rounds`` times in this process (same batches), and the teacher's bytes."""
+    import torch.nn.functional as F
+
+    model = copy.deepcopy(b.base).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    batches = [next(Stream(b.ft_train, a.batch, a.seq).batches()) for _ in range(1)] * steps
+    times = {False: [], True: []}
+    for _ in range(rounds):
+        for kd in (False, True):
+            t0 = time.perf_counter()
+            for x, y in batches:
+                logits = model(input_ids=x).logits
+                if kd:
+                    with torch.no_grad():
+                        t = b.teacher(input_ids=x).logits
+                    loss = distill_loss(logits, t, y, beta=a.kd_beta)
+                else:
+                    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+            times[kd].append((time.perf_counter() - t0) / steps)
+    plain, kd = min(times[False]), min(times[True])
+    teacher_bytes = sum(p.numel() * p.element_size() for p in b.teacher.parameters())
+    return (f"distillation cost: step {plain * 1e3:.1f} ms → {kd * 1e3:.1f} ms ({kd / plain:.2f}×; "
+            f"best of {rounds} interleaved blocks of {steps} steps, batch {a.batch}×{a.seq}); "
+            f"teacher weights {teacher_bytes / 2**20:.1f} MiB per process when replicated "
+            f"(1/N of that per rank when sharded under ZeRO-3/FSDP2), plus its activations for one "
+            "micro-batch (no backward)")
+
+
 def _check_zero(model, kept) -> None:
     """The shipped model really lacks the removed units: their down_proj columns are exactly 0."""
     params = dict(model.named_parameters())
@@ -377,20 +410,24 @@ def _plot(rows, base_ppl, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     series: dict = {}
     for r in rows:
         label = r["method"] + (" +KD" if r["kd"] else "") + \
-            (f" ({r['alloc']})" if r["alloc"] and r["method"] != "recipe" else "")
+            (f" ({r['alloc']} widths)" if r["alloc"] and r["method"] != "recipe" else "")
         series.setdefault(label, []).append((r["kept_params"], r["ppl"]))
-    for label, pts in sorted(series.items()):
+    colors = plt.get_cmap("tab10")
+    for i, (label, pts) in enumerate(sorted(series.items())):
         pts.sort()
-        ax.plot([p for p, _ in pts], [q for _, q in pts], marker="o", label=label)
-    ax.axhline(base_ppl, color="gray", ls=":", label="base (no fine-tune)")
-    ax.set_xlabel("parameters kept")
-    ax.set_ylabel("validation perplexity (fine-tune corpus)")
-    ax.set_title("Compression bench: small Llama, stdlib docstrings → pydoc topics")
-    ax.legend(fontsize=7)
+        ax.plot([p for p, _ in pts], [q for _, q in pts], marker="o", color=colors(i % 10),
+                ls="--" if "+KD" in label else "-", lw=2.5 if label.startswith("recipe") else 1.2,
+                label=label)
+    ax.set_xlabel("parameters kept (of the model's 1.51M)")
+    ax.set_ylabel("validation perplexity, fine-tune corpus (mean of seeds)")
+    ax.set_title(f"Compression bench: small Llama, stdlib docstrings → pydoc topics\n"
+                 f"(base before fine-tuning: {base_ppl:.1f}; lower is better)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -423,6 +460,7 @@ def main(argv=None):
     p.add_argument("--allocations", nargs="+", default=None,
                    help="results.json of recipe runs whose per-layer allocations the baselines use")
     p.add_argument("--recover_with", default="adamw", help="the recipe's recovery: adamw | ramda")
+    p.add_argument("--kd_cost", action="store_true", help="only time a step with and without KD")
     p.add_argument("--merge", nargs="+", default=None,
                    help="only summarize: the results.json of earlier runs (e.g. one per size, run "
                         "in parallel) into OUT/table.md and OUT/plot.png")
@@ -451,6 +489,9 @@ def main(argv=None):
           f"{base_ppl:.2f} (on its own held-out text {perplexity(b.base, b.base_valid):.2f})",
           flush=True)
     if a.base_only:
+        return
+    if a.kd_cost:
+        print(kd_cost(b, a))
         return
     sizes = [float(s) for s in a.sizes.split(",")]
     seeds = [int(s) for s in a.seeds.split(",")]
