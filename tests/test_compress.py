@@ -313,3 +313,18 @@ def test_divergence_watch_expects_the_identification_rise():
     assert not any(target.update(t, x, rise_expected=True) for t, x in enumerate(losses, 1))
     far = DivergenceWatch(2.0)
     assert any(far.update(t, 3.0 if t == 1 else 7.0, rise_expected=True) for t in range(1, 21))
+
+
+def test_a_parameter_target_counts_what_each_unit_removes():
+    """of="params": the kept fraction is of the model's parameters, a unit counting its cost
+    (here |g| = 6 weights per unit of down.weight), met within one unit."""
+    torch.manual_seed(0)
+    model = MLP(d=6, h=40)
+    total = sum(p.numel() for p in model.parameters())  # 6·40 + 40 + 40·6 + 6 = 526
+    opt = RAMDA(groups_of(model, 0.0, target=True), lr=0.05, keep_structured=True)
+    recipe = TargetRecipe(opt, TargetConfig(target=0.8, of="params", ramp=10, stable=2,
+                                            max_identify=20, total_params=total))
+    train(model, opt, 30, recipe.after_step)
+    removed = 40 - int(kept_groups(opt)["down.weight"].sum())
+    assert abs((total - 6 * removed) / total - 0.8) <= 6 / total
+    assert recipe.kept_fraction == pytest.approx((total - 6 * removed) / total)
