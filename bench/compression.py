@@ -58,7 +58,6 @@ def stdlib_docstrings() -> list[str]:
     """Docstrings of the standard library's modules, classes and functions (sorted, unique)."""
     import importlib
     import inspect
-    import pkgutil
     import warnings
 
     skip = {"antigravity", "this", "idlelib", "tkinter", "turtle", "turtledemo", "lib2to3",
@@ -82,7 +81,6 @@ def stdlib_docstrings() -> list[str]:
                 if doc and len(doc) > 80 and doc not in seen:
                     seen.add(doc)
                     out.append(doc.strip())
-    _ = pkgutil
     return out
 
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from ..layout import fragments
-
 
 @torch.no_grad()
 def freeze_support(optimizer, kept: dict[str, torch.Tensor], restart: bool = True) -> None:
