@@ -49,7 +49,7 @@ class TargetConfig:
     max_identify: int = 0  # freeze at this step at the latest; 0: ramp + 2·stable
     floor: float = 0.0  # each tensor keeps at least this fraction of its units
     recover_lr_scale: float = 1.0  # γ: lr and ε × this at the freeze and each recovery restart
-    recover_restart_every: int = 0  # restart RAMDA every N steps of the recovery (γ = 1); 0: never
+    recover_restart_every: int = 0  # recover_with=ramda: restart every N recovery steps; 0: never
     steps: int = 0  # the run's length (for the recovery's restarts)
     recover_with: str = "adamw"  # the recovery's update: adamw, or ramda (at λ = 0)
     total_params: int = 0  # the model's parameter count (of="params")
@@ -121,9 +121,9 @@ def _targeted(group: dict) -> bool:
 
 
 class TargetRecipe:
-    """Drives a RAMDA optimizer (or ProxGen for a prune-then-recover baseline, which starts
-    frozen) through identification and recovery; call :meth:`after_step` after every
-    ``optimizer.step()`` with the number of steps taken."""
+    """Drives a RAMDA optimizer through identification and recovery; call :meth:`after_step`
+    after every ``optimizer.step()`` with the number of steps taken (every rank: it
+    communicates when sharded)."""
 
     def __init__(self, optimizer, cfg: TargetConfig):
         self.opt, self.cfg = optimizer, cfg
