@@ -365,3 +365,31 @@ def test_target_under_sharding_equals_one_process(tmp_path, launcher):
     assert s1["support_frozen_at"] == s2["support_frozen_at"] and k1 == k2
     assert s2["units_kept"] == 0.5
     assert math.isclose(s1["ppl"], s2["ppl"], rel_tol=1e-4), (s1["ppl"], s2["ppl"])
+
+
+def test_target_resumed_under_zero2_across_the_freeze_is_bitwise(tmp_path):
+    """ZeRO-2 at 2 ranks: a run resumed from a checkpoint taken before the freeze (λ per step,
+    the support not yet frozen) ends bit for bit where the uninterrupted one does; the support,
+    sharded like V, is rebuilt from the checkpoint."""
+    from test_resume import assert_close, final_state
+
+    model = tiny_llama(tmp_path / "llama")
+
+    def launch(out, *extra):
+        return run([sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed",
+                    "--zero_stage", "2", "--num_processes", "2", "--main_process_port",
+                    str(free_port()), SCRIPT, "--model_path", model, *TARGET, "--steps", "9",
+                    "--batch_size", "2", "--save_every", "3", "--keep_last", "5",
+                    "--output_dir", str(out), *extra], tmp_path)
+    p = launch(tmp_path / "full")
+    assert p.returncode == 0, p.stderr[-3000:]
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_00000003",
+                    part / "checkpoints" / "step_00000003")
+    (part / "checkpoints" / "latest").write_text("step_00000003")
+    p = launch(part, "--resume", "auto")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert_close(final_state(tmp_path / "full", 9), final_state(part, 9), 0, "zero2 resumed")
+    assert _kept(part)[1] == _kept(tmp_path / "full")[1]
+    support = final_state(part, 9)["model.layers.0.mlp.down_proj.weight"]["support"]
+    assert support.view(-1, 64).amax(0).sum() == _kept(part)[1]["model.layers.0.mlp.down_proj.weight"]
