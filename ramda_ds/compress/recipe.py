@@ -147,7 +147,8 @@ class TargetRecipe:
     def after_step(self, step: int) -> dict:
         """Set λ for the next step, or freeze the support; returns what to log."""
         if self.frozen_at is not None:
-            self._structured_is_w()
+            if self.cfg.recover_with != "adamw":  # the AdamW stage keeps Ŵ = W itself
+                self._structured_is_w()
             return dict(stage="recover", lam=0.0)
         scores = critical_values(self.opt)
         costs = self._costs(scores)
